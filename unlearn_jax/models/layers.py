@@ -1,0 +1,105 @@
+"""Small NNX building blocks shared by the model families: annotated dense and norm layers, attention."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _init(init, axes: Axes):
+    return nnx.with_partitioning(init, axes)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias, kernel (in, out) with logical axis names; computes in `dtype`."""
+
+    def __init__(self, din: int, dout: int, axes: Axes, *, use_bias: bool = True, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(nnx.initializers.lecun_normal(), axes)(rngs.params(), (din, dout), param_dtype))
+        self.bias = (nnx.Param(_init(nnx.initializers.zeros_init(), (axes[1],))(rngs.params(), (dout,), param_dtype))
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis, always computed in fp32 (two-pass variance, as PyTorch)."""
+
+    def __init__(self, dim: int, eps: float, *, affine: bool = True, axis_name: str = "norm",
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.eps = eps
+        if affine:
+            self.scale = nnx.Param(_init(nnx.initializers.ones_init(), (axis_name,))(rngs.params(), (dim,), param_dtype))
+            self.bias = nnx.Param(_init(nnx.initializers.zeros_init(), (axis_name,))(rngs.params(), (dim,), param_dtype))
+        else:
+            self.scale = self.bias = None
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        xc = x - mean
+        var = jnp.mean(jnp.square(xc), axis=-1, keepdims=True)
+        y = xc * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(dtype)
+
+
+ATTENTION_IMPLS = ("reference", "xla", "cudnn", "auto")
+
+
+def attention(q, k, v, impl: str = "xla"):
+    """Softmax attention over (B, T, N, H) arrays, no mask; `impl` picks the kernel.
+
+    "reference" is the plain einsum-softmax path (fp32 softmax), the others go through
+    `jax.nn.dot_product_attention` ("auto" lets JAX choose the backend).
+    """
+    if impl == "reference":
+        scale = q.shape[-1] ** -0.5
+        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
+    return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
+
+
+def gelu(x, approximate: bool):
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+def remat(fn, policy: str):
+    """Wraps a scan body in `jax.checkpoint` under a named policy ("none" leaves it as is)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r} is not one of {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return fn
+    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def logical_constraint(x, axes: Sequence[str | None], mesh, rules):
+    """Sharding constraint on an activation by logical axis names; a no-op without a mesh."""
+    if mesh is None:
+        return x
+    from unlearn_jax.parallel import logical_to_spec
+
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, logical_to_spec(axes, rules)))
