@@ -184,10 +184,12 @@ class SafetensorsReader:
         if not files:
             raise UnlearnError(f"{folder}: no .safetensors weights found (PyTorch .bin checkpoints are not read)")
         self._where: dict[str, tuple[Path, dict]] = {}
+        self._data_start: dict[Path, int] = {}
         for f in files:
             if not f.exists():
                 raise UnlearnError(f"{f}: listed in the safetensors index but missing")
-            for key, info in _read_header(f).items():
+            header, self._data_start[f] = _read_header(f)
+            for key, info in header.items():
                 self._where[key] = (f, info)
         self._handles: dict[Path, object] = {}
 
@@ -200,19 +202,37 @@ class SafetensorsReader:
     def dtype(self, key: str) -> np.dtype:
         return np.dtype(_ST_DTYPES[self._where[key][1]["dtype"]])
 
-    def get(self, key: str) -> np.ndarray:
-        from safetensors import safe_open
-
-        path = self._where[key][0]
+    def get(self, key: str, out: np.ndarray | None = None) -> np.ndarray:
+        """Reads one tensor with plain file reads (no memory map: mapped pages would stay resident
+        and count as a second copy of the checkpoint); into `out` if given (same shape and dtype)."""
+        path, info = self._where[key]
+        start, end = info["data_offsets"]
+        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        if out is None:
+            out = np.empty(shape, dtype)
+        elif out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"{key}: destination {out.shape} {out.dtype} does not fit {shape} {dtype}")
+        if end - start != out.nbytes:
+            raise UnlearnError(f"{path}: tensor {key} has {end - start} bytes, its shape needs {out.nbytes}")
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="numpy")
-        return self._handles[path].get_tensor(key)
+            self._handles[path] = open(path, "rb")
+        f = self._handles[path]
+        f.seek(self._data_start[path] + start)
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = f.readinto(view)
+        if got != out.nbytes:
+            raise UnlearnError(f"{path}: truncated file (tensor {key} cut short)")
+        return out
 
     def close(self):
+        for f in self._handles.values():
+            f.close()
         self._handles.clear()
 
 
-def _read_header(path: Path) -> dict:
+def _read_header(path: Path) -> tuple[dict, int]:
+    """The tensor table of a safetensors file and the offset where its data starts."""
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -225,7 +245,7 @@ def _read_header(path: Path) -> dict:
     for key, info in header.items():
         if info.get("dtype") not in _ST_DTYPES:
             raise UnlearnError(f"{path}: tensor {key} has unsupported dtype {info.get('dtype')}")
-    return header
+    return header, 8 + n
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Iterable[tuple[str, np.ndarray]] | Mapping, specs=None):
@@ -314,7 +334,9 @@ def load_params(reader: SafetensorsReader, table: RuleTable, targets: Mapping[st
     """
     plan = plan_import(table, {k: reader.shape(k) for k in reader.keys()}, targets, where)
     out = {}
-    items = list(plan.items())
+    # Largest leaves first: while a leaf is put on its devices its host buffer briefly coexists with
+    # the device copy, and that overlap is smallest when few other leaves are resident yet.
+    items = sorted(plan.items(), key=lambda kv: -math.prod(targets[kv[0]].shape))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -329,12 +351,11 @@ def load_params(reader: SafetensorsReader, table: RuleTable, targets: Mapping[st
                 dtype = np.dtype(np.float32)
         buf = np.empty(tgt.shape, dtype)
         for e in entries:
-            arr = e.transform.to_jax(reader.get(e.torch_key))
-            if e.layer is None:
-                buf[...] = arr
+            dest = buf if e.layer is None else buf[e.layer]
+            if e.transform is IDENTITY and reader.dtype(e.torch_key) == dtype:
+                reader.get(e.torch_key, out=dest)  # straight from the file into place
             else:
-                buf[e.layer] = arr
-            del arr
+                dest[...] = e.transform.to_jax(reader.get(e.torch_key))
             if bar is not None:
                 bar.update(1)
         out[path] = _place(buf, tgt.sharding)

@@ -1,0 +1,41 @@
+"""The `unlearn-jax` command line. Subcommands register themselves from their own modules."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that provide `register(subparsers)`; a module that is not installed yet is skipped.
+_SUBCOMMAND_MODULES = ("unlearn_jax.demo", "unlearn_jax.prompts_cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="unlearn-jax", description="Concept erasure for text-to-video diffusion models")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        mod.register(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    from unlearn_jax.errors import UnlearnError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UnlearnError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
