@@ -1,0 +1,265 @@
+"""Prompt embeddings from a pipeline folder's T5 text encoder, as CogVideoX's pipeline computes them.
+
+`encode_prompts` reproduces `CogVideoXPipeline.encode_prompt` (`_get_t5_prompt_embeds`): the
+pipeline's own tokenizer (`tokenizer/`), padding to `max_length` with truncation and the end
+token added, and the encoder run on the token ids alone: the pipeline passes no attention mask,
+so the padding tokens take part in attention, and so they do here.
+
+`encoder_fingerprint` identifies everything the embeddings depend on (weights, encoder config,
+tokenizer files, max length), for caches of embeddings to key on.
+
+Loaded encoders are kept in an explicit `EncoderCache` (by default one entry, as a T5-XXL is
+large), so that repeated calls in one process do not reload the weights.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unlearn_jax.errors import UnlearnError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_LENGTH = 226  # CogVideoX: the transformer's max_text_seq_length
+_FINGERPRINT_VERSION = b"unlearn-jax/t5-prompt-embeddings/v1"
+_SAMPLE_BLOCKS = 16  # content hash: this many evenly spaced blocks of every weights file
+_SAMPLE_BLOCK_BYTES = 1 << 16
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline folder layout
+# --------------------------------------------------------------------------------------------
+def _folders(pipeline_dir: str | os.PathLike) -> tuple[Path, Path, Path]:
+    root = Path(pipeline_dir)
+    if not root.is_dir():
+        raise UnlearnError(f"{root}: no such folder; point to a pipeline folder with tokenizer/ and text_encoder/")
+    tok, enc = root / "tokenizer", root / "text_encoder"
+    for sub in (tok, enc):
+        if not sub.is_dir():
+            raise UnlearnError(f"{root}: no {sub.name}/ folder; point to a pipeline folder "
+                               f"with tokenizer/ and text_encoder/")
+    return root, tok, enc
+
+
+def resolve_max_length(pipeline_dir: str | os.PathLike, max_length: int | None = None) -> int:
+    """`max_length` if given, else the transformer config's `max_text_seq_length`, else 226."""
+    if max_length is not None:
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise UnlearnError(f"max_length must be a positive integer, got {max_length!r}")
+        return int(max_length)
+    cfg_path = Path(pipeline_dir) / "transformer" / "config.json"
+    if cfg_path.exists():
+        try:
+            value = json.loads(cfg_path.read_text()).get("max_text_seq_length")
+        except (OSError, ValueError, AttributeError) as e:
+            raise UnlearnError(f"{cfg_path}: not a readable JSON config ({e})") from None
+        if value is not None:
+            return resolve_max_length(pipeline_dir, value)
+    return DEFAULT_MAX_LENGTH
+
+
+def _dtype(dtype) -> jnp.dtype:
+    try:
+        return jnp.dtype(jnp.float32 if dtype is None else dtype)
+    except TypeError:
+        raise UnlearnError(f"dtype {dtype!r} is not a dtype (use float32 or bfloat16)") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------------
+def _weight_files(enc: Path) -> list[Path]:
+    return sorted(p for p in enc.iterdir() if p.is_file() and (p.name.endswith(".safetensors")
+                                                                 or p.name.endswith(".safetensors.index.json")
+                                                                 or p.name == "config.json"))
+
+
+def _hash_safetensors(h, path: Path):
+    """Header in full, plus a sampled hash of the data (every byte of a small file)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        header = f.read(n) if 0 < n <= 100_000_000 else b""
+        h.update(head + header)
+        start = 8 + len(header)
+        data = size - start
+        if data <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_BYTES:
+            h.update(f.read())
+            return
+        step = (data - _SAMPLE_BLOCK_BYTES) / (_SAMPLE_BLOCKS - 1)
+        for i in range(_SAMPLE_BLOCKS):
+            f.seek(start + int(i * step))
+            h.update(f.read(_SAMPLE_BLOCK_BYTES))
+
+
+def encoder_fingerprint(pipeline_dir: str | os.PathLike, max_length: int | None = None, *, dtype=None) -> str:
+    """A hex digest of everything the prompt embeddings depend on.
+
+    Covers the text encoder's config.json, safetensors index and safetensors files (name, size,
+    full header with every tensor's name/shape/dtype/offsets, and the data: all of it for small
+    files, 16 evenly spaced 64 KiB blocks of large ones), every tokenizer file in full, the
+    resolved max length and, if given, the compute dtype. Independent of paths and mtimes, so a
+    copied pipeline folder keeps its fingerprint.
+    """
+    _, tok, enc = _folders(pipeline_dir)
+    h = hashlib.sha256(_FINGERPRINT_VERSION)
+    h.update(f"|max_length={resolve_max_length(pipeline_dir, max_length)}".encode())
+    if dtype is not None:
+        h.update(f"|dtype={_dtype(dtype).name}".encode())
+    for p in _weight_files(enc):
+        h.update(f"|text_encoder/{p.name}:{p.stat().st_size}:".encode())
+        if p.name.endswith(".safetensors"):
+            _hash_safetensors(h, p)
+        else:
+            h.update(p.read_bytes())
+    for p in sorted(q for q in tok.iterdir() if q.is_file() and not q.name.startswith(".")):
+        h.update(f"|tokenizer/{p.name}:{p.stat().st_size}:".encode())
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Loaded encoders
+# --------------------------------------------------------------------------------------------
+class LoadedEncoder:
+    """A pipeline's tokenizer and text encoder, with the encoder's jitted forward."""
+
+    def __init__(self, pipeline_dir: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None):
+        from unlearn_jax.models.t5 import load_text_encoder
+
+        _, tok, enc = _folders(pipeline_dir)
+        self.tokenizer = _load_tokenizer(tok)
+        self.dtype = _dtype(dtype)
+        self.mesh = mesh
+        model = load_text_encoder(enc, dtype=self.dtype, mesh=mesh)
+        self.d_model = model.config.d_model
+        self.graphdef, self.state = nnx.split(model)
+        graphdef = self.graphdef
+
+        @jax.jit
+        def forward(state, input_ids):
+            return nnx.merge(graphdef, state)(input_ids)
+
+        self._forward = forward
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(input_ids, np.int32)
+        if self.mesh is not None:
+            ids = jax.device_put(ids, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        return np.asarray(jax.device_get(self._forward(self.state, ids)), np.float32)
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # transformers raises many kinds; the user's fix is the same
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnlearnError(f"{folder}: cannot load the tokenizer ({msg})") from None
+
+
+def _folder_signature(enc: Path, tok: Path) -> tuple:
+    """Cheap identity of the files (name, size, mtime): a rewritten folder is loaded again."""
+    out = []
+    for sub in (enc, tok):
+        for p in sorted(sub.iterdir()):
+            if p.is_file():
+                st = p.stat()
+                out.append((sub.name, p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+class EncoderCache:
+    """Loaded encoders by (pipeline folder, dtype, mesh), least recently used dropped past `max_entries`."""
+
+    def __init__(self, max_entries: int = 1):
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self._entries: collections.OrderedDict[tuple, LoadedEncoder] = collections.OrderedDict()
+
+    def get(self, pipeline_dir: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None) -> LoadedEncoder:
+        root, tok, enc = _folders(pipeline_dir)
+        key = (str(root.resolve()), _dtype(dtype).name, mesh, _folder_signature(enc, tok))
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        # drop stale entries of the same folder/dtype/mesh before loading a new one
+        for k in [k for k in self._entries if k[:3] == key[:3]]:
+            del self._entries[k]
+        while len(self._entries) >= self.max_entries:
+            self._entries.popitem(last=False)
+        entry = LoadedEncoder(root, dtype=dtype, mesh=mesh)
+        self._entries[key] = entry
+        return entry
+
+    def clear(self):
+        self._entries.clear()
+
+    def __len__(self):
+        return len(self._entries)
+
+
+DEFAULT_CACHE = EncoderCache(max_entries=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+# --------------------------------------------------------------------------------------------
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> np.ndarray:
+    """(N, max_length) int32 token ids, as CogVideoX's pipeline tokenizes (and warns on truncation)."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
+                    add_special_tokens=True, return_tensors="np").input_ids
+    full = tokenizer(list(prompts), add_special_tokens=True).input_ids
+    cut = [i for i, t in enumerate(full) if len(t) > max_length]
+    if cut:
+        log.warning("%d prompt(s) longer than max_length=%d tokens were truncated (first: prompt %d)",
+                    len(cut), max_length, cut[0])
+    return np.asarray(ids, np.int32)
+
+
+def encode_prompts(pipeline_dir: str | os.PathLike, prompts: str | Sequence[str], *, max_length: int | None = None,
+                   dtype=None, mesh: jax.sharding.Mesh | None = None, batch_size: int = 8,
+                   cache: EncoderCache | None = None) -> np.ndarray:
+    """(N, max_length, d_model) float32 prompt embeddings, equal to `CogVideoXPipeline.encode_prompt`.
+
+    `max_length` defaults to the pipeline transformer's `max_text_seq_length` (226 for
+    CogVideoX). `dtype` is the encoder's compute dtype (float32 default, or bfloat16); the result
+    is float32 either way. Prompts are encoded `batch_size` at a time (the last batch padded, so
+    one compiled shape serves every batch). `cache` (default: a module-level one-entry cache)
+    keeps the loaded encoder between calls.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise UnlearnError(f"prompts must be strings; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}")
+    if batch_size < 1:
+        raise UnlearnError(f"batch_size must be >= 1, got {batch_size}")
+    length = resolve_max_length(pipeline_dir, max_length)
+    encoder = (DEFAULT_CACHE if cache is None else cache).get(pipeline_dir, dtype=dtype, mesh=mesh)
+    if not prompts:
+        return np.zeros((0, length, encoder.d_model), np.float32)
+    ids = tokenize_prompts(encoder.tokenizer, prompts, length)
+    bs = min(batch_size, len(prompts))
+    out = []
+    for start in range(0, len(ids), bs):
+        chunk = ids[start:start + bs]
+        n = len(chunk)
+        if n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - n, axis=0)])
+        out.append(encoder(chunk)[:n])
+    return np.concatenate(out)
