@@ -1,0 +1,210 @@
+"""Classifier-free-guided sampling, traceable end to end, with an early stop at a traced step.
+
+`sample(...)` runs the denoising loop of diffusers' `CogVideoXPipeline` (for DDIM/DPM; the same
+loop with the flow-matching Euler scheduler for flow models) on any model given as
+
+    velocity_fn(latents (B, F, C, H, W), timesteps (B,), context (B, L, D)) -> (B, F, C, H, W)
+
+Per step, the unconditional and the conditional pass go through ONE call, batched as
+[uncond; cond] like the pipeline, then `uncond + g * (cond - uncond)`; with `use_dynamic_cfg`
+the scale follows the pipeline's cosine ramp over the timestep. The loop is a `lax.fori_loop`
+whose trip count may be traced (`stop_after=j`), so one compiled sampler serves every j: it
+returns the latents after j steps and the timestep they sit at (the state a training step
+needs), or the final latents when `stop_after` is None.
+
+`sample` is a pure function meant to be called inside the caller's `jax.jit` (the velocity_fn
+can then close over traced parameters); `make_sampler` returns a ready jitted closure.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unlearn_jax.errors import UnlearnError
+from unlearn_jax.schedulers import Schedule, SchedulerConfig, init_state, make_schedule, step
+
+VelocityFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class SampleOutput(NamedTuple):
+    latents: jax.Array    # x_t after `steps` steps (the noise's dtype)
+    timestep: jax.Array   # scalar: the timestep x_t sits at (schedule.sample_timesteps[steps])
+    steps: jax.Array      # scalar int32: the number of steps taken
+
+
+def uses_cfg(guidance_scale) -> bool:
+    """Whether guidance runs the unconditional pass: as in the pipeline, not when the scale is a
+    concrete number <= 1 (a traced scale always guides)."""
+    if isinstance(guidance_scale, (int, float, np.number)) or (
+            isinstance(guidance_scale, (np.ndarray, jax.Array)) and not isinstance(guidance_scale, jax.core.Tracer)
+            and np.ndim(guidance_scale) == 0):
+        return float(guidance_scale) > 1.0
+    return True
+
+
+def guidance_scales(schedule: Schedule, guidance_scale, use_dynamic_cfg: bool = False):
+    """(N,) float32 guidance scale of each step. The dynamic ramp is CogVideoXPipeline's:
+    `1 + g * (1 - cos(pi * ((N - t) / N) ** 5)) / 2` with t the step's timestep value and N the
+    number of steps, computed in float64 on the host when g is a concrete number."""
+    n = schedule.num_steps
+    if not use_dynamic_cfg:
+        return jnp.full((n,), guidance_scale, jnp.float32)
+    ts = [float(t) for t in np.asarray(schedule.timesteps)]
+    ramp = [(1 - math.cos(math.pi * ((n - t) / n) ** 5.0)) / 2 for t in ts]
+    if not isinstance(guidance_scale, jax.core.Tracer) and np.ndim(guidance_scale) == 0:
+        g = float(guidance_scale)
+        return jnp.asarray(np.asarray([1 + g * r for r in ramp], np.float64).astype(np.float32))
+    return 1.0 + jnp.asarray(guidance_scale, jnp.float32) * jnp.asarray(np.asarray(ramp, np.float32))
+
+
+def _check_guidance(g):
+    if isinstance(g, jax.core.Tracer):
+        return
+    try:
+        ok = not isinstance(g, (bool, str)) and np.ndim(g) == 0 and bool(np.isfinite(np.asarray(g, np.float64)))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UnlearnError(f"guidance_scale = {g!r} is invalid; expected a finite number")
+
+
+def _check_shapes(noise, context, uncond_context, cfg: bool):
+    if jnp.ndim(noise) != 5:
+        raise ValueError(f"noise must be (B, F, C, H, W); got shape {jnp.shape(noise)}")
+    if jnp.ndim(context) != 3 or jnp.shape(context)[0] != jnp.shape(noise)[0]:
+        raise ValueError(f"context must be (B, L, D) with B = {jnp.shape(noise)[0]}; got shape {jnp.shape(context)}")
+    if cfg:
+        if uncond_context is None:
+            raise ValueError("guidance_scale > 1 needs uncond_context")
+        if jnp.ndim(uncond_context) != 3 or jnp.shape(uncond_context)[1:] != jnp.shape(context)[1:] \
+                or jnp.shape(uncond_context)[0] not in (1, jnp.shape(context)[0]):
+            raise ValueError(f"uncond_context must be (B or 1, L, D) like context {jnp.shape(context)}; "
+                             f"got {jnp.shape(uncond_context)}")
+
+
+def sample(
+    velocity_fn: VelocityFn,
+    scheduler_cfg: SchedulerConfig | Schedule,
+    noise,
+    context,
+    uncond_context=None,
+    *,
+    num_steps: int,
+    guidance_scale=6.0,
+    use_dynamic_cfg: bool = False,
+    stop_after=None,
+    key=None,
+    step_noise=None,
+) -> SampleOutput:
+    """Denoise `noise` (B, F, C, H, W) for `num_steps` steps, or only the first `stop_after`.
+
+    scheduler_cfg: a `SchedulerConfig` (or a ready `Schedule` of `num_steps` steps).
+    context / uncond_context: (B, L, D) prompt embeddings; uncond may have batch 1 (broadcast).
+        uncond_context is unused (may be None) when guidance_scale is a number <= 1.
+    guidance_scale: a number (exact dynamic-CFG table) or a traced scalar.
+    stop_after: None (run every step) or an int / traced int32 scalar j in [0, num_steps]
+        (clipped into that range when traced). No recompilation across j.
+    key: PRNG key for stochastic schedulers (DPM): step i draws `normal(fold_in(key, i))`, so
+        the first j steps are the same whatever `stop_after` is.
+    step_noise: (num_steps, B, F, C, H, W) explicit per-step noise instead of `key` (step i adds
+        step_noise[i]); for parity with another implementation.
+
+    The model's output is cast to float32 before guidance (as the pipeline does); the latents
+    keep the noise's dtype between steps. The returned latents carry no gradient
+    (`stop_gradient`): differentiate the loss at x_t, never through the sampler. Timesteps reach velocity_fn as int32 (DDIM/DPM) or
+    float32 (flow) arrays of shape (B,) — (2B,) when guidance runs.
+    """
+    if isinstance(scheduler_cfg, Schedule):
+        schedule = scheduler_cfg
+        if schedule.num_steps != num_steps:
+            raise ValueError(f"the Schedule has {schedule.num_steps} steps, num_steps = {num_steps}")
+    elif isinstance(scheduler_cfg, SchedulerConfig):
+        schedule = make_schedule(scheduler_cfg, num_steps)
+    else:
+        raise TypeError(f"scheduler_cfg must be a SchedulerConfig or Schedule, got {type(scheduler_cfg).__name__}")
+    noise = jnp.asarray(noise)
+    _check_guidance(guidance_scale)
+    cfg = uses_cfg(guidance_scale)
+    _check_shapes(noise, context, uncond_context, cfg)
+    B = noise.shape[0]
+    if schedule.needs_noise:
+        if step_noise is not None:
+            step_noise = jnp.asarray(step_noise)
+            if step_noise.shape != (num_steps, *noise.shape):
+                raise ValueError(f"step_noise must have shape {(num_steps, *noise.shape)}; got {step_noise.shape}")
+        elif key is None:
+            raise ValueError(f"a {schedule.kind!r} sampler is stochastic: pass key= or step_noise=")
+
+    context = jnp.asarray(context)
+    if cfg:
+        uncond = jnp.broadcast_to(jnp.asarray(uncond_context, context.dtype), context.shape)
+        model_context = jnp.concatenate([uncond, context], axis=0)
+    else:
+        model_context = context
+    scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg) if cfg else None
+    timesteps = jnp.asarray(schedule.timesteps)
+
+    if stop_after is None:
+        stop = num_steps
+    elif isinstance(stop_after, (int, np.integer)) and not isinstance(stop_after, bool):
+        if not 0 <= stop_after <= num_steps:
+            raise ValueError(f"stop_after = {stop_after} is outside [0, {num_steps}]")
+        stop = jnp.asarray(stop_after, jnp.int32)   # traced-like: one compilation for every j
+    else:
+        stop = jnp.clip(jnp.asarray(stop_after).astype(jnp.int32), 0, num_steps)
+
+    def body(i, carry):
+        x, state = carry
+        t = timesteps[i]
+        if cfg:
+            model_in = jnp.concatenate([x, x], axis=0)
+            t_b = jnp.broadcast_to(t, (2 * B,))
+        else:
+            model_in, t_b = x, jnp.broadcast_to(t, (B,))
+        out = jnp.asarray(velocity_fn(model_in, t_b, model_context)).astype(jnp.float32)
+        if cfg:
+            out_uncond, out_cond = out[:B], out[B:]
+            out = out_uncond + scales[i] * (out_cond - out_uncond)
+        n = None
+        if schedule.needs_noise:
+            n = step_noise[i] if step_noise is not None else \
+                jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        res = step(schedule, out, i, x, state, noise=n)
+        return res.prev_sample.astype(x.dtype), res.state
+
+    carry = (noise, init_state(schedule, noise))
+    x, _ = jax.lax.fori_loop(0, stop, body, carry)
+    steps = jnp.asarray(stop, jnp.int32)
+    # a sample is data, not a function of the parameters: no gradient flows back through the
+    # loop (reverse-mode through a loop with a traced trip count is impossible anyway)
+    return SampleOutput(jax.lax.stop_gradient(x), jnp.asarray(schedule.sample_timesteps)[steps], steps)
+
+
+def make_sampler(
+    velocity_fn: VelocityFn,
+    scheduler_cfg: SchedulerConfig,
+    *,
+    num_steps: int,
+    guidance_scale=6.0,
+    use_dynamic_cfg: bool = False,
+) -> Callable[..., SampleOutput]:
+    """A jitted `fn(noise, context, uncond_context=None, stop_after=None, key=None,
+    step_noise=None) -> SampleOutput` for a fixed model, scheduler, step count and scale.
+    Compiles once per input shapes and per presence of stop_after/key/step_noise; not per value
+    of stop_after."""
+    schedule = make_schedule(scheduler_cfg, num_steps)
+
+    @jax.jit
+    def run(noise, context, uncond_context=None, stop_after=None, key=None, step_noise=None):
+        return sample(velocity_fn, schedule, noise, context, uncond_context, num_steps=num_steps,
+                      guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
+                      stop_after=stop_after, key=key, step_noise=step_noise)
+
+    return run
+
+
+__all__ = ["SampleOutput", "VelocityFn", "guidance_scales", "make_sampler", "sample", "uses_cfg"]
