@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Modules that provide `register(subparsers)`; a module that is not installed yet is skipped.
-_SUBCOMMAND_MODULES = ("unlearn_jax.demo", "unlearn_jax.prompts_cli")
+_SUBCOMMAND_MODULES = ("unlearn_jax.erase", "unlearn_jax.demo", "unlearn_jax.prompts_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from unlearn_jax.errors import UnlearnError
 
+    from unlearn_jax.config import split_config_args
+
+    argv, overrides = split_config_args(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    if overrides and not getattr(args, "takes_config_overrides", False):
+        print(f"error: {args.command} takes no --config.* overrides", file=sys.stderr)
+        return 2
+    args.config_overrides = overrides
     try:
         return int(args.func(args) or 0)
     except UnlearnError as e:

@@ -79,6 +79,9 @@ def _assemble(model_abs, leaves: Mapping[str, jax.Array]) -> CogVideoXTransforme
 def _runtime_for(dtype, leaves_dtype, mesh, rules, runtime: dict) -> dict:
     rt = dict(runtime)
     compute = dtype if dtype is not None else leaves_dtype
+    if rt.get("compute_dtype") is not None:
+        compute = as_dtype(rt["compute_dtype"])
+    rt.pop("compute_dtype", None)
     rt.setdefault("dtype", compute)
     rt.setdefault("param_dtype", compute)
     if mesh is not None:
@@ -92,6 +95,7 @@ def load_transformer(path, dtype=None, mesh=None, rules=None, erasers=None, prog
     """Reads a CogVideoX transformer; returns a model called like diffusers' forward.
 
     dtype: None keeps the checkpoint's dtype (params and compute); "float32"/"bfloat16"/... casts.
+    compute_dtype (keyword): compute in another dtype than the parameters are stored in.
     mesh: a `jax.sharding.Mesh` to shard the parameters over (by `rules`, logical -> mesh axes).
     erasers: a folder of trained erasers (ours or the published T2VUnlearning format) to attach.
     runtime: `attention=`, `remat=`, `param_dtype=` ... (see `cogvideox.Runtime`).

@@ -157,6 +157,19 @@ def sample(
     else:
         stop = jnp.clip(jnp.asarray(stop_after).astype(jnp.int32), 0, num_steps)
 
+    body = _guided_step(velocity_fn, schedule, timesteps, model_context, scales, cfg, B, key, step_noise)
+
+    carry = (noise, init_state(schedule, noise))
+    x, _ = jax.lax.fori_loop(0, stop, body, carry)
+    steps = jnp.asarray(stop, jnp.int32)
+    # a sample is data, not a function of the parameters: no gradient flows back through the
+    # loop (reverse-mode through a loop with a traced trip count is impossible anyway)
+    return SampleOutput(jax.lax.stop_gradient(x), jnp.asarray(schedule.sample_timesteps)[steps], steps)
+
+
+def _guided_step(velocity_fn, schedule, timesteps, model_context, scales, cfg, B, key, step_noise):
+    """One guided denoising step `body(i, (x, state)) -> (x, state)`, shared by the samplers."""
+
     def body(i, carry):
         x, state = carry
         t = timesteps[i]
@@ -176,12 +189,33 @@ def sample(
         res = step(schedule, out, i, x, state, noise=n)
         return res.prev_sample.astype(x.dtype), res.state
 
-    carry = (noise, init_state(schedule, noise))
-    x, _ = jax.lax.fori_loop(0, stop, body, carry)
-    steps = jnp.asarray(stop, jnp.int32)
-    # a sample is data, not a function of the parameters: no gradient flows back through the
-    # loop (reverse-mode through a loop with a traced trip count is impossible anyway)
-    return SampleOutput(jax.lax.stop_gradient(x), jnp.asarray(schedule.sample_timesteps)[steps], steps)
+    return body
+
+
+def sample_trajectory(velocity_fn: VelocityFn, schedule: Schedule, noise, context, uncond_context=None, *,
+                      guidance_scale=6.0, use_dynamic_cfg: bool = False, key=None) -> jax.Array:
+    """Every intermediate latent of a full sampling run: (num_steps + 1, B, F, C, H, W), entry j being
+    the latents after j steps (entry 0 the noise), i.e. what `sample(..., stop_after=j)` returns."""
+    noise = jnp.asarray(noise)
+    cfg = uses_cfg(guidance_scale)
+    _check_shapes(noise, context, uncond_context, cfg)
+    if schedule.needs_noise and key is None:
+        raise ValueError(f"a {schedule.kind!r} sampler is stochastic: pass key=")
+    context = jnp.asarray(context)
+    model_context = context
+    if cfg:
+        uncond = jnp.broadcast_to(jnp.asarray(uncond_context, context.dtype), context.shape)
+        model_context = jnp.concatenate([uncond, context], axis=0)
+    scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg) if cfg else None
+    body = _guided_step(velocity_fn, schedule, jnp.asarray(schedule.timesteps), model_context, scales, cfg,
+                        noise.shape[0], key, None)
+
+    def scan_body(carry, i):
+        new = body(i, carry)
+        return new, new[0]
+
+    _, xs = jax.lax.scan(scan_body, (noise, init_state(schedule, noise)), jnp.arange(schedule.num_steps))
+    return jnp.concatenate([noise[None], xs], axis=0)
 
 
 def make_sampler(
@@ -207,4 +241,5 @@ def make_sampler(
     return run
 
 
-__all__ = ["SampleOutput", "VelocityFn", "guidance_scales", "make_sampler", "sample", "uses_cfg"]
+__all__ = ["SampleOutput", "VelocityFn", "guidance_scales", "make_sampler", "sample", "sample_trajectory",
+           "uses_cfg"]

@@ -211,6 +211,24 @@ def apply_rope(x, cos, sin):
 # Modules
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Per-block extension points for erasers and analyses (all optional, all pure functions).
+
+    edit_layer(layer_params, extra) -> layer_params: e.g. add LoRA deltas or swap in fine-tuned
+        weights for this block, before it runs.
+    on_qk(q, k, text_len, extra) -> aux: sees the joint-sequence query/key projections, before the
+        QK LayerNorm and RoPE, shape (B, S, N, H) each (the localization mask's input).
+    on_video_attn(a, extra) -> (a', aux): acts on the video part of the attention output, after
+        to_out and before the gated residual (where the T2VUnlearning adapter sits).
+    `extra` is this block's slice of the `extras` pytree (leading layer axis) given to the model.
+    """
+
+    edit_layer: Callable | None = None
+    on_qk: Callable | None = None
+    on_video_attn: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Runtime:
     """How the model runs (not part of the checkpoint): precision, kernels, memory policy, sharding."""
 
@@ -258,8 +276,9 @@ class JointAttention(nnx.Module):
         split = lambda y: y.reshape(*y.shape[:2], self.heads, self.head_dim)  # noqa: E731
         return split(self.to_q(x)), split(self.to_k(x))
 
-    def __call__(self, x, text_len: int, rope):
+    def __call__(self, x, text_len: int, rope, qk_hook=None):
         q, k = self.project_qk(x)
+        qk_aux = qk_hook(q, k, text_len) if qk_hook is not None else None
         v = self.to_v(x).reshape(*x.shape[:2], self.heads, self.head_dim)
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
@@ -268,7 +287,7 @@ class JointAttention(nnx.Module):
             k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
         o = attention(q, k, v, self.impl)
         o = checkpoint_name(o, "attn_out")
-        return self.to_out(o.reshape(*x.shape[:2], -1))
+        return self.to_out(o.reshape(*x.shape[:2], -1)), qk_aux
 
 
 class FeedForward(nnx.Module):
@@ -285,8 +304,7 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One CogVideoXBlock. `video_attn_hook(attn_video_out, extra) -> (new_out, aux)` lets an eraser act
-    on the video part of the attention output before the gated residual (ALGORITHM.md §1)."""
+    """One CogVideoXBlock (diffusers' layout: gated attention residual, then gated feed-forward)."""
 
     def __init__(self, cfg: CogVideoXConfig, rt: Runtime, rngs: nnx.Rngs):
         self.norm1 = AdaNormZero(cfg, rt, rngs)
@@ -294,21 +312,25 @@ class Block(nnx.Module):
         self.norm2 = AdaNormZero(cfg, rt, rngs)
         self.ff = FeedForward(cfg, rt, rngs)
 
-    def __call__(self, h, e, temb, rope, video_attn_hook=None, extra=None):
+    def __call__(self, h, e, temb, rope, hooks: Hooks | None = None, extra=None):
         text_len = e.shape[1]
+        hooks = hooks or Hooks()
+        qk_hook = None
+        if hooks.on_qk is not None:
+            qk_hook = lambda q, k, n: hooks.on_qk(q, k, n, extra)  # noqa: E731
         nh, ne, gate, e_gate = self.norm1(h, e, temb)
-        a = self.attn1(jnp.concatenate([ne, nh], axis=1), text_len, rope)
+        a, qk_aux = self.attn1(jnp.concatenate([ne, nh], axis=1), text_len, rope, qk_hook)
         a_e, a_h = a[:, :text_len], a[:, text_len:]
-        aux = None
-        if video_attn_hook is not None:
-            a_h, aux = video_attn_hook(a_h, extra)
+        attn_aux = None
+        if hooks.on_video_attn is not None:
+            a_h, attn_aux = hooks.on_video_attn(a_h, extra)
         h = (h + gate * a_h).astype(h.dtype)
         e = (e + e_gate * a_e).astype(e.dtype)
         nh, ne, gate, e_gate = self.norm2(h, e, temb)
         f = self.ff(jnp.concatenate([ne, nh], axis=1))
         h = (h + gate * f[:, text_len:]).astype(h.dtype)
         e = (e + e_gate * f[:, :text_len]).astype(e.dtype)
-        return h, e, aux
+        return h, e, {"qk": qk_aux, "attn": attn_aux}
 
 
 class CogVideoXTransformer(nnx.Module):
@@ -417,19 +439,21 @@ class CogVideoXTransformer(nnx.Module):
             rope = (jnp.asarray(cos), jnp.asarray(sin))
         return video, text, temb, rope
 
-    def run_blocks(self, h, e, temb, rope, video_attn_hook=None, extras=None):
-        """All blocks in one `lax.scan`; `extras` is a pytree with a leading layer axis fed to the hook.
+    def run_blocks(self, h, e, temb, rope, hooks: Hooks | None = None, extras=None):
+        """All blocks in one `lax.scan`; `extras` is a pytree with a leading layer axis fed to the hooks.
 
-        Returns (video tokens, text tokens, per-layer aux stacked on a leading axis)."""
+        Returns (video tokens, text tokens, per-layer aux of the hooks stacked on a leading axis)."""
         rt = self.runtime
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, xs):
             layer_state, extra = xs
+            if hooks is not None and hooks.edit_layer is not None:
+                layer_state = hooks.edit_layer(layer_state, extra)
             block = nnx.merge(graphdef, layer_state)
             hh, ee = carry
             hh = logical_constraint(hh, ("batch", "length", "embed"), rt.mesh, rt.rules)
-            hh, ee, aux = block(hh, ee, temb, rope, video_attn_hook, extra)
+            hh, ee, aux = block(hh, ee, temb, rope, hooks, extra)
             return (hh, ee), aux
 
         (h, e), aux = jax.lax.scan(remat(body, rt.remat), (h, e), (state, extras), unroll=rt.scan_unroll)
@@ -450,11 +474,12 @@ class CogVideoXTransformer(nnx.Module):
         out = out.reshape(b, f // pt, hh // p, ww // p, co, pt, p, p).transpose(0, 1, 5, 4, 2, 6, 3, 7)
         return out.reshape(b, f, co, hh, ww)
 
-    def forward(self, hidden_states, encoder_hidden_states, timestep, video_attn_hook=None, extras=None):
-        """The velocity, plus the per-layer aux of `video_attn_hook` (None without a hook)."""
+    def forward(self, hidden_states, encoder_hidden_states, timestep, hooks: Hooks | None = None, extras=None):
+        """The velocity, plus the per-layer aux of the hooks ({"qk": ..., "attn": ...}, each None
+        where that hook is absent), stacked over layers."""
         self.check_inputs(hidden_states.shape, encoder_hidden_states.shape)
         video, text, temb, rope = self.embed(hidden_states, encoder_hidden_states, timestep)
-        video, text, aux = self.run_blocks(video, text, temb, rope, video_attn_hook, extras)
+        video, text, aux = self.run_blocks(video, text, temb, rope, hooks, extras)
         return self.head(video, temb, hidden_states.shape), aux
 
     def __call__(self, hidden_states, encoder_hidden_states, timestep):

@@ -1,0 +1,436 @@
+"""`unlearn-jax erase`: the training loop around the pure step, with everything at the edges.
+
+Resumable (orbax checkpoints of phi, Adam state, step and RNG; the data position is a pure
+function of the step), logs `metrics.jsonl`, stops cleanly on SIGTERM (saving first) and on a
+non-finite loss (keeping the last good checkpoint), plots the loss curves and the masks, and
+exports the erasers at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unlearn_jax.atomic import atomic_file
+from unlearn_jax.errors import UnlearnError
+
+LOGGED = ("loss", "loss_unlearn", "loss_loc", "loss_pre", "grad_norm", "t", "j", "mask_fraction")
+
+
+class NonFiniteLoss(UnlearnError):
+    pass
+
+
+def _maybe_init_distributed(cfg):
+    import jax
+
+    d = cfg.distributed
+    if not d.enabled:
+        return
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    kw = {}
+    if d.coordinator_address:
+        kw = dict(coordinator_address=d.coordinator_address, num_processes=d.num_processes, process_id=d.process_id)
+    jax.distributed.initialize(**kw)
+
+
+def latent_shape(cfg, pipeline: Path, model) -> tuple[int, int, int, int]:
+    """(F, C, H, W) of the latents for the configured video size, from the pipeline's VAE config."""
+    mc = model.config
+    vae_cfg = pipeline / "vae" / "config.json"
+    spatial, temporal = 1, 1
+    if vae_cfg.exists():
+        v = json.loads(vae_cfg.read_text())
+        spatial = 2 ** (len(v.get("block_out_channels", [0, 0, 0, 0])) - 1)
+        temporal = int(v.get("temporal_compression_ratio", 4))
+    v = cfg.video
+    if v.height % spatial or v.width % spatial:
+        raise UnlearnError(f"config.video: height/width {v.height}x{v.width} must be multiples of the VAE's {spatial}")
+    f = (v.num_frames - 1) // temporal + 1
+    if mc.patch_size_t:
+        f += (-f) % mc.patch_size_t  # the pipeline pads latent frames to the temporal patch
+    h, w = v.height // spatial, v.width // spatial
+    if h % mc.patch_size or w % mc.patch_size:
+        raise UnlearnError(f"config.video: latent size {h}x{w} is not a multiple of patch_size {mc.patch_size}")
+    return f, mc.in_channels, h, w
+
+
+def scheduler_config(cfg, pipeline: Path):
+    from unlearn_jax.schedulers import SchedulerConfig
+
+    path = pipeline / "scheduler" / "scheduler_config.json"
+    if path.exists():
+        return SchedulerConfig.from_diffusers(path, kind=cfg.sampler.kind)
+    return SchedulerConfig().replace(kind=cfg.sampler.kind)
+
+
+class Run:
+    """Everything an erasure run holds; `train()` runs (or resumes) the loop."""
+
+    def __init__(self, cfg, progress: bool = True):
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from unlearn_jax.erase_data import build_erase_data, concept_specs
+        from unlearn_jax.erasers import EraserConfig, eraser_axes, init_erasers
+        from unlearn_jax.loading import load_transformer, resolve_transformer_dir
+        from unlearn_jax.parallel import DEFAULT_RULES, make_mesh, named_sharding
+        from unlearn_jax.schedulers import make_schedule
+        from unlearn_jax.train import ErasureStep, StepSettings, init_state, make_optimizer
+
+        if not cfg.model.path:
+            raise UnlearnError("config.model.path is not set: pass --config.model.path=/path/to/pipeline")
+        self.cfg, self.progress = cfg, progress
+        _maybe_init_distributed(cfg)
+        self.is_main = jax.process_index() == 0
+        self.workdir = Path(cfg.workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.pipeline = Path(cfg.model.path)
+        resolve_transformer_dir(self.pipeline)
+        self.rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else DEFAULT_RULES
+        self.mesh = make_mesh(dict(cfg.mesh.shape))
+        shards = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
+        if cfg.train.batch_size % shards:
+            raise UnlearnError(f"config.train.batch_size={cfg.train.batch_size} must be a multiple of the mesh's "
+                               f"data x fsdp = {shards} (config.mesh.shape={dict(cfg.mesh.shape)})")
+        self.model = load_transformer(self.pipeline, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype,
+                                      mesh=self.mesh, rules=self.rules, attention=cfg.model.attention,
+                                      remat=cfg.model.remat, progress=progress and self.is_main)
+        self.latent_shape = latent_shape(cfg, self.pipeline, self.model)
+        specs = concept_specs(cfg.concepts)
+        cache = cfg.prompts.cache_dir or str(self.workdir / "embedding_cache")
+        self.data = build_erase_data(self.pipeline, specs, default_eta=cfg.erase.eta, prompts_file=cfg.prompts.file,
+                                     augment=cfg.prompts.augment, n_augment=cfg.prompts.num_augmented,
+                                     max_concept_tokens=cfg.prompts.max_concept_tokens,
+                                     token_fallback=cfg.prompts.token_fallback, cache_dir=cache,
+                                     text_dtype=cfg.model.text_dtype, seed=cfg.seed)
+        self.eraser = EraserConfig(cfg.eraser.kind, rank=cfg.eraser.rank, scale=cfg.eraser.scale)
+        self.settings = StepSettings(
+            num_sampler_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
+            timestep_mode=cfg.sampler.timestep_mode, xt_source=cfg.sampler.xt_source,
+            alpha_loc=cfg.erase.alpha_loc, beta_pre=cfg.erase.beta_pre if self.data.has_preservation else 0.0,
+            mask_threshold=cfg.erase.mask_threshold, mask_mode=cfg.erase.mask_mode,
+            mask_key_chunk=cfg.erase.mask_key_chunk, grad_clip=cfg.train.grad_clip)
+        self.schedule = make_schedule(scheduler_config(cfg, self.pipeline), cfg.sampler.num_steps)
+        self.optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.adam_b1, cfg.train.adam_b2,
+                                        cfg.train.adam_eps, cfg.train.weight_decay, cfg.train.grad_clip)
+        self.step_fn = ErasureStep(self.model, self.eraser, self.schedule, self.settings, self.optimizer,
+                                   self.latent_shape)
+        _, self.base = nnx.split(self.model)
+
+        # Trainable state, fp32, sharded like the model (logical axes -> mesh).
+        phi = init_erasers(self.eraser, self.model, jax.random.key(cfg.seed))
+        axes = eraser_axes(self.eraser, phi, self.model)
+        self.phi_sharding = jax.tree.map(lambda a, x: named_sharding(a, x.shape, self.mesh, self.rules), axes, phi,
+                                         is_leaf=lambda a: isinstance(a, tuple))
+        phi = jax.device_put(phi, self.phi_sharding)
+        state = init_state(phi, self.optimizer, cfg.seed)
+        repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # Adam moments share phi's layout; counters and the RNG are replicated.
+        self.state_sharding = jax.tree.map(
+            lambda x: x.sharding if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding) else repl,
+            state)
+        self.state = jax.device_put(state, self.state_sharding)
+        self.batch_axes = named_sharding(("batch",), (cfg.train.batch_size,), self.mesh, self.rules).spec[0]
+        self.jit_step = jax.jit(self.step_fn, donate_argnums=(0,), out_shardings=(self.state_sharding, None))
+        self.bank = None
+        if self.settings.xt_source == "frozen_bank":
+            self.bank = self._build_bank()
+
+    # ---- data placement ------------------------------------------------------------------------
+    def _place(self, arr, batched: bool):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        arr = np.asarray(arr)
+        spec = PartitionSpec(self.batch_axes, *([None] * (arr.ndim - 1))) if batched and arr.ndim else PartitionSpec()
+        sharding = NamedSharding(self.mesh, spec)
+        # Every process holds the same host batch (a pure function of the step) and feeds its shard.
+        return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+    def host_batch(self, step: int) -> dict:
+        b = self.data.batch(step, self.cfg.train.batch_size, self.cfg.sampler.num_steps)
+        if self.bank is not None:
+            rng = self.data.rng(step)
+            rng.integers(0, 2**31, size=7)  # decorrelate from the draws of `batch`
+            j = int(b["j"])
+            entries = [rng.integers(0, self.bank["x"].shape[1]) for _ in range(len(b["concept"]))]
+            b["x_t"] = np.stack([self.bank["x"][k, e, j] for k, e in zip(b["concept"], entries)])
+            b["x_pre"] = np.stack([self.bank["x_pre"][k, e, j] for k, e in zip(b["concept"], entries)])
+            b["t"] = np.float32(np.asarray(self.schedule.sample_timesteps)[j])
+            # The bank's prompts are the pool's first entries: train on the prompt that made x_t.
+            rows = np.array([self.bank["rows"][k][e] for k, e in zip(b["concept"], entries)])
+            pre_rows = np.array([self.bank["pre_rows"][k][e] for k, e in zip(b["concept"], entries)])
+            b["ctx"], b["concept_idx"], b["concept_valid"] = (self.data.embeds[rows], self.data.concept_idx[rows],
+                                                              self.data.concept_valid[rows])
+            b["pre_ctx"] = self.data.embeds[np.maximum(pre_rows, 0)]
+            b["pre_valid"] = (pre_rows >= 0).astype(np.float32)
+        scalar = {"j", "t", "uncond"}
+        return {k: self._place(v, k not in scalar) for k, v in b.items() if k != "concept"}
+
+    def _build_bank(self) -> dict:
+        """Frozen-model trajectories, sampled once: x_t is then read instead of sampled every step."""
+        import jax
+        import jax.numpy as jnp
+        from tqdm.auto import tqdm
+
+        from unlearn_jax.sampling import sample_trajectory
+
+        n = self.cfg.sampler.bank_size
+        step = self.step_fn
+
+        @jax.jit
+        def traj(base, noise, ctx, uncond, key):
+            vel = lambda x, t, c: step.velocity(base, None, x, c, t)[0]  # noqa: E731
+            return sample_trajectory(vel, self.schedule, noise, ctx, uncond,
+                                     guidance_scale=self.settings.guidance_scale, key=key)
+
+        rng = np.random.default_rng([self.cfg.seed, 0xBA2C])
+        xs, xps, rows_all, pre_all = [], [], [], []
+        total = len(self.data.names) * n
+        bar = tqdm(total=total, desc="frozen trajectory bank", disable=not (self.progress and self.is_main))
+        for k in range(len(self.data.names)):
+            rows = [int(rng.choice(self.data.pools[k])) for _ in range(n)]
+            pre = [int(rng.choice(self.data.preserve[k])) if len(self.data.preserve[k]) else -1 for _ in range(n)]
+            x_k, xp_k = [], []
+            for e in range(n):
+                key = jax.random.key(int(rng.integers(0, 2**31)))
+                noise = jax.random.normal(key, (1, *self.latent_shape), jnp.float32)
+                uncond = self.data.uncond
+                x_k.append(np.asarray(traj(self.base, noise, self.data.embeds[rows[e]][None], uncond, key))[:, 0])
+                pctx = self.data.embeds[max(pre[e], 0)][None]
+                xp_k.append(np.asarray(traj(self.base, jax.random.normal(jax.random.fold_in(key, 1), noise.shape),
+                                            pctx, uncond, key))[:, 0])
+                bar.update(1)
+            xs.append(np.stack(x_k))
+            xps.append(np.stack(xp_k))
+            rows_all.append(rows)
+            pre_all.append(pre)
+        bar.close()
+        return {"x": np.stack(xs), "x_pre": np.stack(xps), "rows": rows_all, "pre_rows": pre_all}
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.train.keep_checkpoints, create=True)
+        return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=opts)
+
+    def _save(self, mngr, step: int):
+        import orbax.checkpoint as ocp
+
+        mngr.save(step, args=ocp.args.StandardSave(self.state), force=True)
+        mngr.wait_until_finished()
+
+    def _restore(self, mngr) -> int:
+        import jax
+        import orbax.checkpoint as ocp
+
+        latest = mngr.latest_step()
+        if latest is None:
+            return 0
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
+                                self.state_sharding)
+        self.state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        return int(self.state.step)
+
+    def _check_config_compatible(self):
+        path = self.workdir / "config.json"
+        if not path.exists():
+            return
+        old = json.loads(path.read_text())
+        new = json.loads(self._config_json())
+        for section in ("model", "eraser", "concepts", "erase", "sampler", "video", "seed"):
+            if old.get(section) != new.get(section) and section != "model":
+                raise UnlearnError(f"{self.workdir}: holds a run with another config.{section}; resume it with the same "
+                                   f"config or choose another --config.workdir")
+
+    def _config_json(self) -> str:
+        from unlearn_jax.config import to_json
+
+        return to_json(self.cfg)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def train(self, stop_after_steps: int | None = None) -> dict:
+        """Runs to `train.num_steps` (or `stop_after_steps` more steps); resumes from the latest checkpoint."""
+        import jax
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self._check_config_compatible()
+        if self.is_main:
+            with atomic_file(self.workdir / "config.json", "w") as f:
+                f.write(self._config_json())
+        mngr = self._manager()
+        start = self._restore(mngr)
+        metrics_path = self.workdir / "metrics.jsonl"
+        history = _read_metrics(metrics_path, below=start)
+        if self.is_main:
+            _write_metrics(metrics_path, history)
+        end = cfg.train.num_steps if stop_after_steps is None else min(cfg.train.num_steps, start + stop_after_steps)
+        stop = {"signal": None}
+        old_handler = None
+        if threading_is_main():
+            old_handler = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("signal", "SIGTERM"))
+        status, step = "completed", start
+        bar = tqdm(total=cfg.train.num_steps, initial=start, desc="erase", disable=not (self.progress and self.is_main))
+        log = open(metrics_path, "a") if self.is_main else None
+        try:
+            for step in range(start, end):
+                t0 = time.perf_counter()
+                batch = self.host_batch(step)
+                new_state, m = self.jit_step(self.state, self.base, batch)
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                if not math.isfinite(m["loss"]):
+                    # The donated old state is gone; the last checkpoint stays the last good one.
+                    status = "non_finite"
+                    raise NonFiniteLoss(f"step {step}: loss is {m['loss']} (terms: "
+                                        f"{ {k: m[k] for k in ('loss_unlearn', 'loss_loc', 'loss_pre')} }); the run "
+                                        f"stopped and {self.workdir / 'checkpoints'} keeps the last good checkpoint. "
+                                        "Lower train.learning_rate or erase.eta and resume")
+                self.state = new_state
+                rec = {"step": step + 1, **{k: m[k] for k in LOGGED if k in m},
+                       "seconds": round(time.perf_counter() - t0, 4)}
+                history.append(rec)
+                if log is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == end):
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                bar.update(1)
+                bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "loss_unlearn", "loss_loc", "loss_pre")})
+                if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < end:
+                    self._save(mngr, step + 1)
+                if stop["signal"]:
+                    status = "interrupted"
+                    break
+            step = int(self.state.step)
+            self._save(mngr, step)
+        finally:
+            bar.close()
+            if log is not None:
+                log.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGTERM, old_handler)
+            mngr.close()
+        summary = {"status": status, "step": step, "workdir": str(self.workdir)}
+        if self.is_main:
+            self.plot(history)
+            if status == "completed" and step >= cfg.train.num_steps:
+                summary["exports"] = self.export()
+        return summary
+
+    # ---- outputs -------------------------------------------------------------------------------
+    def plot(self, history: list[dict]):
+        from unlearn_jax.plots import plot_losses, plot_masks
+
+        if history:
+            plot_losses(history, self.workdir / "loss_curves.png")
+        if self.settings.alpha_loc and self.eraser.kind == "adapter":
+            plot_masks(self.probe_masks(), self.workdir / "masks.png", self.data.names[0])
+
+    def probe_masks(self):
+        """Per-layer localization masks of the frozen model on the first concept's phrase (for the plot)."""
+        import jax
+        import jax.numpy as jnp
+
+        from unlearn_jax import objectives as O
+
+        s, step = self.settings, self.step_fn
+        row = int(self.data.pools[0][0])
+
+        @jax.jit
+        def masks(base, x, ctx, idx, valid):
+            def qk(q, k, text_len, extra):
+                return O.concept_attention_map(q, k, text_len, idx, valid, s.mask_key_chunk)
+
+            _, aux = step.velocity(base, None, x, ctx, self.schedule.sample_timesteps[s.num_sampler_steps // 2],
+                                   qk_fn=qk)
+            return O.localization_masks(aux["qk"], step.grid, s.mask_threshold, s.mask_mode)
+
+        x = jax.random.normal(jax.random.key(self.cfg.seed), (1, *self.latent_shape), jnp.float32)
+        m = masks(self.base, x, self.data.embeds[row][None], self.data.concept_idx[row][None],
+                  self.data.concept_valid[row][None])
+        return np.asarray(m)[:, 0].reshape(m.shape[0], *step.grid)
+
+    def export(self) -> list[str]:
+        from unlearn_jax import eraser_io
+
+        out = []
+        phi = _host(self.state.phi)
+        for fmt in self.cfg.export.formats:
+            target = self.workdir / "export" / fmt
+            if fmt == "erasers":
+                eraser_io.save_erasers(target, self.eraser, phi, self.model.config)
+            elif fmt == "t2vunlearning":
+                eraser_io.export_t2vunlearning(target, self.eraser, phi)
+            elif fmt == "lora":
+                eraser_io.export_lora(target, self.eraser, phi)
+            elif fmt == "diffusers":
+                eraser_io.export_merged(target, self.model, self.eraser, phi)
+            else:
+                raise UnlearnError(f"config.export.formats: unknown format {fmt!r} "
+                                   "(erasers, t2vunlearning, lora, diffusers)")
+            out.append(str(target))
+        return out
+
+
+def _host(tree):
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _read_metrics(path: Path, below: int) -> list[dict]:
+    """Logged records of steps <= `below` (a resumed run rewrites what came after its checkpoint)."""
+    out = []
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            rec = json.loads(line)
+            if rec.get("step", 0) <= below:
+                out.append(rec)
+    return out
+
+
+def _write_metrics(path: Path, records: list[dict]):
+    with atomic_file(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def run_erase(cfg, progress: bool = True, stop_after_steps: int | None = None) -> dict:
+    return Run(cfg, progress=progress).train(stop_after_steps)
+
+
+def register(sub):
+    p = sub.add_parser("erase", help="erase concepts: unlearn-jax erase --config configs/X.py [--config.a.b=v ...]")
+    p.add_argument("--config", required=True, help="an ml-collections config file (configs/*.py)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main, takes_config_overrides=True)
+
+
+def _main(args) -> int:
+    from unlearn_jax.config import load_config
+
+    cfg = load_config(args.config, getattr(args, "config_overrides", []))
+    summary = run_erase(cfg, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    if summary["status"] == "interrupted":
+        print(f"stopped at step {summary['step']} (SIGTERM); the checkpoint is saved: rerun the same command to resume",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,86 @@
+"""The erasure config: every field of a run, with its default and what it means.
+
+Config files in configs/ start from `default_config()` and set what differs.
+"""
+from __future__ import annotations
+
+from ml_collections import ConfigDict, config_dict
+
+
+def default_config() -> ConfigDict:
+    c = ConfigDict()
+    c.workdir = "runs/erase"  # checkpoints, metrics.jsonl, resolved config, plots, exports
+    c.seed = 0
+
+    c.model = ConfigDict()
+    c.model.path = config_dict.placeholder(str)  # pipeline folder: transformer/, text_encoder/, tokenizer/, scheduler/
+    c.model.dtype = "bfloat16"  # compute dtype of the frozen model ("float32" for exact runs)
+    c.model.param_dtype = "bfloat16"  # storage dtype of the frozen base weights
+    c.model.attention = "auto"  # xla | cudnn | auto | reference
+    c.model.remat = "none"  # none | full | dots | dots_no_batch | attn_out
+    c.model.text_dtype = config_dict.placeholder(str)  # T5 dtype (None: the checkpoint's)
+
+    c.video = ConfigDict()
+    c.video.num_frames = 49  # pixel frames (latent frames = (n - 1) // temporal_compression + 1)
+    c.video.height = 480
+    c.video.width = 720
+
+    # Concepts to erase: each {phrase, type, eta (None: erase.eta), preserve: [...], prompts: [...]}.
+    c.concepts = [{"phrase": "naked body", "type": "nudity", "preserve": ["person"]}]
+
+    c.prompts = ConfigDict()
+    c.prompts.file = config_dict.placeholder(str)  # JSONL from `unlearn-jax prompts augment` (§3)
+    c.prompts.augment = "none"  # none | offline (templates, no LLM) | file
+    c.prompts.num_augmented = 50  # offline prompts per concept
+    c.prompts.cache_dir = config_dict.placeholder(str)  # embedding cache (None: <workdir>/embedding_cache)
+    c.prompts.max_concept_tokens = 16  # concept-token columns kept for the localization mask
+    c.prompts.token_fallback = "all"  # phrase absent from an augmented prompt: all | none (§4)
+
+    c.sampler = ConfigDict()
+    c.sampler.num_steps = 50  # J: DDIM steps of the x_t sampler
+    c.sampler.guidance_scale = 3.0  # g_s of the x_t sampler
+    c.sampler.kind = "ddim"  # ddim | dpm (the pipeline's scheduler config, with this sampler kind)
+    c.sampler.timestep_mode = "sampler"  # sampler: t = the timestep x_t sits at | esd_legacy
+    c.sampler.xt_source = "current"  # current (erased model samples x_t) | frozen_bank
+    c.sampler.bank_size = 8  # frozen_bank: trajectories per prompt pool
+
+    c.erase = ConfigDict()
+    c.erase.eta = 7.0  # negative guidance strength η
+    c.erase.alpha_loc = 1.0  # α: localization loss weight
+    c.erase.beta_pre = 1.0  # β: preservation loss weight
+    c.erase.mask_threshold = 0.1  # τ
+    c.erase.mask_mode = "per_layer"  # per_layer | average
+    c.erase.mask_key_chunk = 1024  # key chunk of the mask's softmax normaliser
+
+    c.eraser = ConfigDict()
+    c.eraser.kind = "adapter"  # adapter | lora | attn | full
+    c.eraser.rank = 128
+    c.eraser.scale = 1.0
+
+    c.train = ConfigDict()
+    c.train.num_steps = 500
+    c.train.batch_size = 1
+    c.train.learning_rate = 1e-4
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-8
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 1.0  # global-norm clip (<= 0: off)
+    c.train.log_every = 1
+    c.train.checkpoint_every = 100
+    c.train.keep_checkpoints = 2
+
+    c.mesh = ConfigDict()
+    c.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}  # -1: the remaining devices
+    c.mesh.rules = config_dict.placeholder(list)  # logical -> mesh axis pairs (None: parallel.DEFAULT_RULES)
+
+    c.distributed = ConfigDict()
+    c.distributed.enabled = False  # jax.distributed.initialize (multi-host: TPU pods, GPU clusters)
+    c.distributed.coordinator_address = config_dict.placeholder(str)
+    c.distributed.num_processes = config_dict.placeholder(int)
+    c.distributed.process_id = config_dict.placeholder(int)
+    c.distributed.cpu_collectives = "gloo"  # CPU-only multi-process runs
+
+    c.export = ConfigDict()
+    c.export.formats = ["erasers"]  # erasers | t2vunlearning | lora | diffusers (at the end of the run)
+    return c

@@ -1,0 +1,175 @@
+"""What an erasure run trains on: prompt pools, their embeddings and concept-token positions.
+
+Everything here is prepared once on the host. `EraseData.batch(step)` is a pure function of
+the step (and the run's seed), so a resumed run draws exactly the batches the uninterrupted
+run would have drawn.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from unlearn_jax.errors import UnlearnError
+
+
+@dataclasses.dataclass
+class ConceptSpec:
+    phrase: str
+    type: str = "generic"
+    eta: float | None = None
+    preserve: tuple = ()
+    prompts: tuple = ()  # extra user prompts for the pool
+
+
+@dataclasses.dataclass
+class EraseData:
+    names: list[str]
+    etas: np.ndarray  # (num_concepts,)
+    embeds: np.ndarray  # (P, L, D) every prompt of every pool
+    prompts: list[str]
+    concept_idx: np.ndarray  # (P, K) int32 text positions of the concept phrase (padded)
+    concept_valid: np.ndarray  # (P, K) bool
+    pools: list[np.ndarray]  # per concept: rows of `embeds` in its prompt pool
+    preserve: list[np.ndarray]  # per concept: rows of its preservation prompts (may be empty)
+    uncond: np.ndarray  # (1, L, D) the empty prompt
+    seed: int = 0
+
+    def rng(self, step: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, 0x5EED, step])
+
+    def batch(self, step: int, batch_size: int, num_sampler_steps: int) -> dict:
+        """The host-side inputs of training step `step`: one concept per sample, drawn uniformly."""
+        rng = self.rng(step)
+        ks = rng.integers(0, len(self.names), size=batch_size)
+        rows = np.array([rng.choice(self.pools[k]) for k in ks])
+        pre_rows = np.array([rng.choice(self.preserve[k]) if len(self.preserve[k]) else -1 for k in ks])
+        j = int(rng.integers(0, num_sampler_steps))
+        return {
+            "ctx": self.embeds[rows],
+            "concept_idx": self.concept_idx[rows],
+            "concept_valid": self.concept_valid[rows],
+            "eta": self.etas[ks].astype(np.float32),
+            "pre_ctx": self.embeds[np.maximum(pre_rows, 0)],
+            "pre_valid": (pre_rows >= 0).astype(np.float32),
+            "uncond": self.uncond,
+            "j": np.int32(j),
+            "concept": ks.astype(np.int32),
+        }
+
+    @property
+    def has_preservation(self) -> bool:
+        return any(len(p) for p in self.preserve)
+
+
+def indices_from_mask(mask: np.ndarray, max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) bool token mask -> (N, K) positions (first K set positions, padded with 0) and validity."""
+    n = mask.shape[0]
+    idx = np.zeros((n, max_tokens), np.int32)
+    valid = np.zeros((n, max_tokens), bool)
+    for i in range(n):
+        pos = np.flatnonzero(mask[i])[:max_tokens]
+        idx[i, : len(pos)] = pos
+        valid[i, : len(pos)] = True
+    return idx, valid
+
+
+def concept_specs(concepts: Sequence) -> list[ConceptSpec]:
+    """Concept entries of a config (dicts / ConfigDicts) -> validated specs."""
+    out = []
+    for i, c in enumerate(concepts):
+        c = dict(c)
+        if not c.get("phrase"):
+            raise UnlearnError(f"config.concepts[{i}]: a concept needs a non-empty 'phrase'")
+        unknown = set(c) - {f.name for f in dataclasses.fields(ConceptSpec)}
+        if unknown:
+            raise UnlearnError(f"config.concepts[{i}]: unknown keys {sorted(unknown)}")
+        c["preserve"] = tuple(c.get("preserve") or ())
+        c["prompts"] = tuple(c.get("prompts") or ())
+        out.append(ConceptSpec(**c))
+    if not out:
+        raise UnlearnError("config.concepts is empty: name at least one concept to erase")
+    return out
+
+
+def prompt_pools_for(specs: list[ConceptSpec], prompts_file: str | None, augment: str, n_augment: int, seed: int
+                     ) -> list[tuple[list[str], list[str]]]:
+    """Per concept: (prompt pool, preservation prompts). The phrase itself is always in its pool."""
+    from unlearn_jax import prompts as P
+
+    from_file = {}
+    if prompts_file:
+        from_file = P.prompt_pools(P.read_prompts(prompts_file))
+    out = []
+    for s in specs:
+        pool = [s.phrase, *s.prompts]
+        pre = list(s.preserve)
+        if s.phrase in from_file:
+            pool += [p for p in from_file[s.phrase]["prompts"] if p not in pool]
+            pre += [p for p in from_file[s.phrase]["preserve"] if p not in pre]
+        elif augment == "offline":
+            recs = P.augment_offline(P.Concept(s.phrase, s.type if s.type in P.CONCEPT_TYPES else "generic"),
+                                     n_augment, seed=seed)
+            pool += [r.prompt for r in recs if r.prompt not in pool]
+        elif augment not in ("none", "file"):
+            raise UnlearnError(f"config.prompts.augment={augment!r}: choose none, offline or file")
+        out.append((pool, pre))
+    return out
+
+
+def build_erase_data(pipeline_dir: str | Path, specs: list[ConceptSpec], *, default_eta: float, prompts_file=None,
+                     augment: str = "none", n_augment: int = 0, max_concept_tokens: int = 16,
+                     token_fallback: str = "all", cache_dir=None, text_dtype=None, seed: int = 0) -> EraseData:
+    """Encodes every prompt with the pipeline's JAX T5 (through the embedding cache)."""
+    from transformers import AutoTokenizer
+
+    from unlearn_jax.prompts import EmbeddingCache, concept_token_mask
+    from unlearn_jax.text_encoding import encode_prompts, encoder_fingerprint, resolve_max_length
+
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "tokenizer").is_dir() or not (pipeline_dir / "text_encoder").is_dir():
+        raise UnlearnError(f"{pipeline_dir}: config.model.path must be a pipeline folder with tokenizer/ and "
+                           "text_encoder/ (the prompts are encoded with its T5)")
+    pools = prompt_pools_for(specs, prompts_file, augment, n_augment, seed)
+    prompts, rows, pre_rows, owner = [], [], [], []
+    for k, (pool, pre) in enumerate(pools):
+        rows.append(np.arange(len(prompts), len(prompts) + len(pool)))
+        prompts += pool
+        owner += [k] * len(pool)
+        pre_rows.append(np.arange(len(prompts), len(prompts) + len(pre)))
+        prompts += pre
+        owner += [-1] * len(pre)
+    max_length = resolve_max_length(pipeline_dir)
+    fp = encoder_fingerprint(pipeline_dir, max_length, dtype=text_dtype)
+
+    def encode(batch):
+        return encode_prompts(pipeline_dir, list(batch), max_length=max_length, dtype=text_dtype)
+
+    all_prompts = prompts + [""]
+    if cache_dir is not None:
+        embeds = EmbeddingCache(cache_dir).get_or_encode(all_prompts, fp, encode)
+    else:
+        embeds = encode(all_prompts)
+    embeds = np.asarray(embeds, np.float32)
+    tok = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")
+    phrases = [specs[o].phrase if o >= 0 else "" for o in owner]
+    mask = np.zeros((len(prompts), max_length), bool)
+    concept_rows = [i for i, o in enumerate(owner) if o >= 0]
+    if concept_rows:
+        mask[concept_rows] = concept_token_mask(tok, [prompts[i] for i in concept_rows],
+                                                [phrases[i] for i in concept_rows], max_length, fallback=token_fallback)
+    idx, valid = indices_from_mask(mask, max_concept_tokens)
+    etas = np.array([s.eta if s.eta is not None else default_eta for s in specs], np.float32)
+    return EraseData([s.phrase for s in specs], etas, embeds[:-1], prompts, idx, valid, rows, pre_rows,
+                     embeds[-1:], seed)
+
+
+def describe(data: EraseData) -> str:
+    lines = []
+    for k, name in enumerate(data.names):
+        lines.append(json.dumps({"concept": name, "eta": float(data.etas[k]), "prompts": int(len(data.pools[k])),
+                                 "preserve": int(len(data.preserve[k]))}))
+    return "\n".join(lines)

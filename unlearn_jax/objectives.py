@@ -1,0 +1,93 @@
+"""The erasure objective (ALGORITHM.md §2, §4, §5): negatively guided target, localization masks and
+loss, preservation loss. Pure functions of arrays."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def negative_target(v_uncond, v_cond, eta):
+    """v_neg = v_u - eta * (v_c - v_u); eta may be per sample (B,)."""
+    eta = jnp.asarray(eta, jnp.float32)
+    eta = eta.reshape(eta.shape + (1,) * (v_cond.ndim - eta.ndim))
+    v_u, v_c = v_uncond.astype(jnp.float32), v_cond.astype(jnp.float32)
+    return v_u - eta * (v_c - v_u)
+
+
+def _logsumexp_chunked(q, k, scale, chunk: int):
+    """logsumexp over keys of (q . k) * scale without materialising all key columns at once.
+
+    q (B, M, N, H), k (B, S, N, H) -> (B, N, M), running max/sum over key chunks (flash-style)."""
+    b, s, n, h = k.shape
+    pad = (-s) % chunk
+    kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    valid = jnp.arange(s + pad) < s
+    kc = kp.reshape(b, -1, chunk, n, h).swapaxes(0, 1)  # (C, B, chunk, N, H)
+    vc = valid.reshape(-1, chunk)
+
+    def body(carry, xs):
+        m, acc = carry
+        kk, vv = xs
+        logits = jnp.einsum("bmnh,bknh->bnmk", q, kk, preferred_element_type=jnp.float32) * scale
+        logits = jnp.where(vv[None, None, None, :], logits, -jnp.inf)
+        m_new = jnp.maximum(m, logits.max(-1))
+        acc = acc * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
+        return (m_new, acc), None
+
+    init = (jnp.full((b, n, q.shape[1]), -jnp.inf, jnp.float32), jnp.zeros((b, n, q.shape[1]), jnp.float32))
+    (m, acc), _ = jax.lax.scan(body, init, (kc, vc))
+    return m + jnp.log(acc)
+
+
+def concept_attention_map(q, k, text_len: int, concept_idx, concept_valid, key_chunk: int = 1024):
+    """Attention mass from every video query onto the concept's text tokens, mean over heads.
+
+    q, k: (B, S, N, H) query/key projections over [text; video], before QK norm and RoPE.
+    concept_idx (B, K) int: text positions of the concept's tokens, padded; concept_valid (B, K) bool.
+    Returns (B, N_video) = sum over concept tokens of mean-over-heads softmax(q k^T / sqrt(H)).
+    Only the K concept columns and the softmax normaliser are computed.
+    """
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    scale = q.shape[-1] ** -0.5
+    qv = q[:, text_len:]
+    lse = _logsumexp_chunked(qv, k, scale, min(key_chunk, k.shape[1]))  # (B, N, Nv)
+    kc = jnp.take_along_axis(k[:, :text_len], concept_idx[:, :, None, None], axis=1)  # (B, K, N, H)
+    logits = jnp.einsum("bmnh,bknh->bnmk", qv, kc) * scale
+    probs = jnp.exp(logits - lse[..., None]) * concept_valid[:, None, None, :]
+    return probs.sum(-1).mean(1)
+
+
+def normalise_map(m, grid: tuple[int, int, int], eps: float = 1e-6):
+    """Min-max normalise per token-frame over (H, W): (B, N_video) -> (B, F, H, W)."""
+    f, h, w = grid
+    m = m.reshape(m.shape[0], f, h, w)
+    lo = m.min(axis=(2, 3), keepdims=True)
+    hi = m.max(axis=(2, 3), keepdims=True)
+    return (m - lo) / (hi - lo + eps)
+
+
+def localization_masks(maps, grid, threshold: float, mode: str = "per_layer"):
+    """Binary concept masks from per-layer maps (L, B, N_video) -> (L, B, N_video) float {0, 1}.
+
+    per_layer: threshold each layer's normalised map; average: threshold the mean of the
+    normalised maps and use it for every layer."""
+    soft = jax.vmap(lambda m: normalise_map(m, grid))(maps)  # (L, B, F, H, W)
+    if mode == "average":
+        soft = jnp.broadcast_to(soft.mean(0, keepdims=True), soft.shape)
+    elif mode != "per_layer":
+        raise ValueError(f"mask_mode {mode!r}: choose per_layer or average")
+    return (soft >= threshold).astype(jnp.float32).reshape(maps.shape)
+
+
+def localization_loss(adapter_out, masks):
+    """L_loc: per layer, mean over background tokens of mean_d(o^2); averaged over layers and batch.
+
+    adapter_out (L, B, N_video, D), masks (L, B, N_video) with 1 = concept region."""
+    bg = 1.0 - masks
+    energy = jnp.mean(jnp.square(adapter_out.astype(jnp.float32)), axis=-1)  # (L, B, Nv)
+    per = (bg * energy).sum(-1) / (bg.sum(-1) + 1e-9)  # (L, B)
+    return per.mean()
+
+
+def mse(a, b):
+    return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))

@@ -1,0 +1,172 @@
+"""The erasure training step (ALGORITHM.md §2) as a pure, jitted, sharded function.
+
+state = TrainState(step, phi, opt_state, rng): the trainable eraser parameters (fp32) and Adam
+moments (fp32). The frozen base weights are a separate argument, never copied: "frozen model"
+means calling the same weights with the erasers off.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from unlearn_jax import objectives as O
+from unlearn_jax.erasers import EraserConfig, eraser_hooks
+from unlearn_jax.models.cogvideox import CogVideoXTransformer, Hooks
+from unlearn_jax.sampling import sample
+from unlearn_jax.schedulers import Schedule
+
+TIMESTEP_MODES = ("sampler", "esd_legacy")
+XT_SOURCES = ("current", "frozen_bank")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static settings of one training step (every [choice] of ALGORITHM.md is here)."""
+
+    num_sampler_steps: int = 50  # J
+    guidance_scale: float = 3.0  # g_s for sampling x_t
+    timestep_mode: str = "sampler"  # "sampler": t = the timestep x_t sits at; "esd_legacy": drawn in [j/J, (j+1)/J)*1000
+    xt_source: str = "current"  # "current": sample x_t with the current erased model; "frozen_bank": given
+    alpha_loc: float = 1.0
+    beta_pre: float = 1.0
+    mask_threshold: float = 0.1
+    mask_mode: str = "per_layer"
+    mask_key_chunk: int = 1024
+    grad_clip: float = 1.0  # global-norm clip; <= 0 disables
+
+    def __post_init__(self):
+        from unlearn_jax.errors import UnlearnError
+
+        if self.timestep_mode not in TIMESTEP_MODES:
+            raise UnlearnError(f"sampler.timestep_mode={self.timestep_mode!r}: choose one of {TIMESTEP_MODES}")
+        if self.xt_source not in XT_SOURCES:
+            raise UnlearnError(f"sampler.xt_source={self.xt_source!r}: choose one of {XT_SOURCES}")
+        if self.mask_mode not in ("per_layer", "average"):
+            raise UnlearnError(f"erase.mask_mode={self.mask_mode!r}: choose per_layer or average")
+
+
+class TrainState(NamedTuple):
+    step: jax.Array
+    phi: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, checkpointable
+
+
+def make_optimizer(learning_rate: float, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, grad_clip=1.0):
+    tx = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay) if weight_decay \
+        else optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), tx) if grad_clip and grad_clip > 0 else tx
+
+
+def init_state(phi, optimizer, seed: int) -> TrainState:
+    return TrainState(jnp.zeros((), jnp.int32), phi, optimizer.init(phi), jax.random.key_data(jax.random.key(seed)))
+
+
+class ErasureStep:
+    """Builds the pure step `(state, base_params, batch) -> (state, metrics)` for one model and config."""
+
+    def __init__(self, model: CogVideoXTransformer, eraser: EraserConfig, schedule: Schedule, settings: StepSettings,
+                 optimizer, latent_shape: tuple[int, ...]):
+        self.graphdef, _ = nnx.split(model)
+        self.model_cfg = model.config
+        self.eraser, self.schedule, self.s, self.optimizer = eraser, schedule, settings, optimizer
+        self.latent_shape = tuple(latent_shape)  # (F, C, H, W)
+        f, _, h, w = self.latent_shape
+        self.grid = model.token_grid(f, h, w)
+
+    # ---- the model as a pure function --------------------------------------------------------
+    def velocity(self, base, phi, x, ctx, t, *, collect=False, qk_fn=None):
+        model = nnx.merge(self.graphdef, base)
+        hooks, extras = eraser_hooks(self.eraser, phi, collect_outputs=collect)
+        if qk_fn is not None:
+            hooks = dataclasses.replace(hooks or Hooks(), on_qk=qk_fn)
+        t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
+        return model.forward(x, ctx, t, hooks, extras)
+
+    def sample_xt(self, base, phi, noise, ctx, uncond, j, key):
+        """Run j sampler steps from `noise` with CFG; phi=None samples with the frozen model."""
+        def vel(x, t, c):
+            return self.velocity(base, phi, x, c, t)[0]
+
+        out = sample(vel, self.schedule, noise, ctx, uncond, num_steps=self.s.num_sampler_steps,
+                     guidance_scale=self.s.guidance_scale, stop_after=j, key=key)
+        return jax.lax.stop_gradient(out.latents), out.timestep
+
+    # ---- one step ----------------------------------------------------------------------------
+    def __call__(self, state: TrainState, base, batch: dict):
+        s = self.s
+        key = jax.random.wrap_key_data(state.rng)
+        key, k_noise, k_pre, k_sample, k_t = jax.random.split(key, 5)
+        ctx, uncond = batch["ctx"], batch["uncond"]
+        b = ctx.shape[0]
+        phi_now = jax.lax.stop_gradient(state.phi)
+        j = batch["j"]
+        if s.xt_source == "current":
+            noise = jax.random.normal(k_noise, (b, *self.latent_shape), jnp.float32)
+            x_t, t = self.sample_xt(base, phi_now, noise, ctx, uncond, j, k_sample)
+        else:
+            x_t, t = batch["x_t"], batch["t"]
+        if s.timestep_mode == "esd_legacy":
+            lo = (j * 1000) // s.num_sampler_steps
+            hi = ((j + 1) * 1000) // s.num_sampler_steps
+            t = jax.random.randint(k_t, (), lo, jnp.maximum(hi, lo + 1))
+
+        # Frozen passes, uncond and cond batched in one call; the cond half yields the masks.
+        use_loc = s.alpha_loc != 0 and self.eraser.kind == "adapter"
+        qk_fn = None
+        if use_loc:
+            def qk_fn(q, k, text_len, extra):
+                return O.concept_attention_map(q[b:], k[b:], text_len, batch["concept_idx"], batch["concept_valid"],
+                                               s.mask_key_chunk)
+        v_frozen, aux = self.velocity(base, None, jnp.concatenate([x_t, x_t]), jnp.concatenate(
+            [jnp.broadcast_to(uncond, ctx.shape), ctx]), t, qk_fn=qk_fn)
+        v_frozen = jax.lax.stop_gradient(v_frozen)
+        v_neg = O.negative_target(v_frozen[:b], v_frozen[b:], batch["eta"])
+        masks = None
+        if use_loc:
+            masks = jax.lax.stop_gradient(O.localization_masks(aux["qk"], self.grid, s.mask_threshold, s.mask_mode))
+
+        use_pre = s.beta_pre != 0
+        if use_pre:
+            pre_ctx = batch["pre_ctx"]
+            if s.xt_source == "current":
+                noise_pre = jax.random.normal(k_pre, (b, *self.latent_shape), jnp.float32)
+                x_pre, _ = self.sample_xt(base, None, noise_pre, pre_ctx, uncond, j, jax.random.fold_in(k_sample, 1))
+            else:
+                x_pre = batch["x_pre"]
+            v_pre_frozen = jax.lax.stop_gradient(self.velocity(base, None, x_pre, pre_ctx, t)[0])
+            x_in, c_in = jnp.concatenate([x_t, x_pre]), jnp.concatenate([ctx, pre_ctx])
+        else:
+            x_in, c_in = x_t, ctx
+
+        def loss_fn(phi):
+            v, aux_e = self.velocity(base, phi, x_in, c_in, t, collect=use_loc)
+            l_un = O.mse(v[:b], v_neg)
+            l_loc = O.localization_loss(aux_e["attn"][:, :b], masks) if use_loc else jnp.zeros((), jnp.float32)
+            if use_pre:
+                w = batch["pre_valid"].reshape(b, *([1] * (v.ndim - 1)))
+                diff = jnp.square(v[b:].astype(jnp.float32) - v_pre_frozen.astype(jnp.float32)) * w
+                l_pre = diff.sum() / jnp.maximum(w.sum() * diff[0].size, 1.0)
+            else:
+                l_pre = jnp.zeros((), jnp.float32)
+            total = l_un + s.alpha_loc * l_loc + s.beta_pre * l_pre
+            return total, {"loss_unlearn": l_un, "loss_loc": l_loc, "loss_pre": l_pre}
+
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.phi)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.phi)
+        phi = optax.apply_updates(state.phi, updates)
+        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "t": jnp.asarray(t, jnp.float32),
+                   "j": j}
+        if masks is not None:
+            metrics["mask_fraction"] = masks.mean()
+        new = TrainState(state.step + 1, phi, opt_state, jax.random.key_data(key))
+        return new, metrics
+
+    def loss_terms(self, state: TrainState, base, batch):
+        """The step's metrics without updating (for tests and analyses)."""
+        return self(state, base, batch)[1]
