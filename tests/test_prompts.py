@@ -32,7 +32,7 @@ def t5_tokenizer():
 
     The vocabulary is tiny, so most words split into several pieces.
     """
-    transformers = pytest.importorskip("transformers")
+    import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     corpus = [" ".join(_CORPUS_WORDS[i:i + 9]) for i in range(len(_CORPUS_WORDS))] * 4
@@ -57,8 +57,8 @@ _CHAT_TEMPLATE = (
 
 
 def _tiny_llm_dir(path, chat_template: bool):
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
+    import transformers
+    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + _LLM_WORDS)}
@@ -425,7 +425,7 @@ def test_cache_hit_and_miss(tmp_path):
 
 
 def test_cache_bfloat16_round_trip(tmp_path):
-    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import ml_dtypes
     enc = FakeEncoder(dtype=ml_dtypes.bfloat16)
     cache = P.EmbeddingCache(tmp_path)
     a = cache.get_or_encode(["x", "yy"], "fp", enc)

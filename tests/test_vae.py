@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import torch
+import diffusers
 
 from unlearn_jax.conversion import Target, iter_torch_tensors, plan_import  # noqa: E402
 from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError  # noqa: E402

@@ -99,9 +99,10 @@ class Run:
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else DEFAULT_RULES
         self.mesh = make_mesh(dict(cfg.mesh.shape))
         shards = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
-        if cfg.train.batch_size % shards:
-            raise UnlearnError(f"config.train.batch_size={cfg.train.batch_size} must be a multiple of the mesh's "
-                               f"data x fsdp = {shards} (config.mesh.shape={dict(cfg.mesh.shape)})")
+        if cfg.train.batch_size % shards and self.is_main:
+            # The batch stays replicated where it does not split (correct, but the devices repeat work).
+            print(f"note: train.batch_size={cfg.train.batch_size} does not split over data x fsdp = {shards} "
+                  "devices; the batch is replicated", file=sys.stderr)
         self.model = load_transformer(self.pipeline, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype,
                                       mesh=self.mesh, rules=self.rules, attention=cfg.model.attention,
                                       remat=cfg.model.remat, progress=progress and self.is_main)

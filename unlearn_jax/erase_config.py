@@ -71,7 +71,9 @@ def default_config() -> ConfigDict:
     c.train.keep_checkpoints = 2
 
     c.mesh = ConfigDict()
-    c.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}  # -1: the remaining devices
+    # -1: the remaining devices. FSDP over all devices by default: the published runs use batch 1,
+    # so the weights are split and the batch is replicated (set data > 1 for batch > 1).
+    c.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
     c.mesh.rules = config_dict.placeholder(list)  # logical -> mesh axis pairs (None: parallel.DEFAULT_RULES)
 
     c.distributed = ConfigDict()

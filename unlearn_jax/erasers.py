@@ -79,7 +79,8 @@ def init_erasers(cfg: EraserConfig, model: CogVideoXTransformer, key) -> dict:
         return out
     params = _block_params(model)
     keep = _is_attn_path if cfg.kind == "attn" else (lambda p: True)
-    return {p: v.astype(jnp.float32) for p, v in params.items() if keep(p)}
+    # A real copy: an fp32 base leaf would otherwise be the same buffer, and training donates phi.
+    return {p: jnp.array(v, dtype=jnp.float32, copy=True) for p, v in params.items() if keep(p)}
 
 
 def eraser_axes(cfg: EraserConfig, phi: dict, model: CogVideoXTransformer | None = None) -> dict:

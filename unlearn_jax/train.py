@@ -160,7 +160,7 @@ class ErasureStep:
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.phi)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.phi)
         phi = optax.apply_updates(state.phi, updates)
-        metrics = {"loss": loss, **terms, "grad_norm": optax.global_norm(grads), "t": jnp.asarray(t, jnp.float32),
+        metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "t": jnp.asarray(t, jnp.float32),
                    "j": j}
         if masks is not None:
             metrics["mask_fraction"] = masks.mean()

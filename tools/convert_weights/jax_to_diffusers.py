@@ -1,9 +1,19 @@
 #!/usr/bin/env python
-"""Export an unlearn-jax checkpoint to the PyTorch world.
+"""Export an unlearn-jax checkpoint or eraser folder to the PyTorch world.
 
-    python tools/convert_weights/jax_to_diffusers.py CKPT OUT --format diffusers [--dtype bfloat16]
+    python tools/convert_weights/jax_to_diffusers.py CKPT OUT --format diffusers|t2vunlearning|lora
+                                                     [--base BASE_MODEL_DIR] [--dtype bfloat16]
 
---format diffusers: a transformer folder that `CogVideoXTransformer3DModel.from_pretrained` loads.
+CKPT is a transformer checkpoint (an orbax checkpoint of ours, or any folder load_transformer reads) or
+an eraser folder (eraser_config.json + erasers.safetensors, or the published T2VUnlearning format).
+
+--format diffusers      transformer checkpoint: a folder `CogVideoXTransformer3DModel.from_pretrained` loads.
+                        lora / attn / full erasers: the same, with the erasers merged into --base's weights.
+                        adapter erasers: the eraser folder `unlearn_jax.torch.attach_erasers` reads (a stock
+                        diffusers folder cannot hold an adapter), with a README on how to load it.
+--format t2vunlearning  adapter erasers: eraser_config.json + eraser_weights.pt (+ .safetensors), the layout
+                        of the T2VUnlearning authors' inference scripts.
+--format lora           LoRA erasers: pytorch_lora_weights.safetensors for `CogVideoXPipeline.load_lora_weights`.
 """
 import argparse
 import sys
@@ -14,25 +24,50 @@ FORMATS = ("diffusers", "t2vunlearning", "lora")
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    ap.add_argument("ckpt", help="an unlearn-jax checkpoint folder (or any folder load_transformer reads)")
+    ap.add_argument("ckpt", help="a transformer checkpoint folder or an eraser folder")
     ap.add_argument("out", help="output folder (written atomically)")
     ap.add_argument("--format", default="diffusers", choices=FORMATS)
+    ap.add_argument("--base", default=None,
+                    help="the base diffusers transformer (or pipeline) folder the erasers were trained on: checks "
+                         "the erasers against it; needed to merge lora/attn/full erasers (--format diffusers)")
     ap.add_argument("--dtype", default=None, help="write tensors in this dtype; default: the checkpoint's")
     args = ap.parse_args(argv)
     from unlearn_jax.errors import UnlearnError
-    from unlearn_jax.loading import load_transformer, save_transformer
 
     try:
-        if args.format != "diffusers":
-            raise UnlearnError(f"--format {args.format}: exporting erasers is not available yet in this version; "
-                               "use --format diffusers")
         t0 = time.perf_counter()
-        save_transformer(load_transformer(args.ckpt, progress=True), args.out, dtype=args.dtype)
+        note = _convert(args)
     except UnlearnError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)")
+    if note:
+        print(note)
     return 0
+
+
+def _convert(args) -> str | None:
+    from unlearn_jax.eraser_io import export, is_eraser_folder, load_erasers
+    from unlearn_jax.errors import UnlearnError
+    from unlearn_jax.loading import load_transformer, save_transformer
+
+    if not is_eraser_folder(args.ckpt):
+        if args.format != "diffusers":
+            raise UnlearnError(f"{args.ckpt}: a transformer checkpoint, not an eraser folder (no eraser_config.json); "
+                               f"--format {args.format} exports erasers")
+        if args.base is not None:
+            raise UnlearnError("--base is for eraser folders; a transformer checkpoint is converted as it is")
+        save_transformer(load_transformer(args.ckpt, progress=True), args.out, dtype=args.dtype)
+        return None
+    base = load_transformer(args.base, progress=True) if args.base is not None else None
+    cfg, phi = load_erasers(args.ckpt, base)
+    export(args.out, args.format, cfg, phi, base_model=base, dtype=args.dtype)
+    if cfg.kind == "adapter":
+        return (f"load it in diffusers with: import unlearn_jax.torch; "
+                f"unlearn_jax.torch.attach_erasers(pipe.transformer, {str(args.out)!r})")
+    if args.format == "lora":
+        return f"load it in diffusers with: pipe.load_lora_weights({str(args.out)!r})"
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,313 @@
+"""Erasers in a stock diffusers `CogVideoXTransformer3DModel`, without a fork of diffusers.
+
+Adapter erasers (ALGORITHM.md §1) become a child module `adapter` of each block's `attn1` (so the
+transformer's state dict names them exactly as the published T2VUnlearning files do,
+`transformer_blocks.{i}.attn1.adapter.down.weight` ...) and a forward hook on `attn1` that adds
+`scale * up(gelu(down(a)))` to the video part `a` of its output `(video, text)`. LoRA erasers become a
+child `eraser_lora` of each targeted projection plus a hook adding `scale * B(A(x))`. Nothing of the
+base model is changed: `detach_erasers` removes the hooks and the children.
+
+Reads our eraser folders (`eraser_config.json` + `erasers.safetensors`) and the published format
+(`eraser_config.json` + `eraser_weights.pt`, or the same tensors as `eraser_weights.safetensors`);
+`.pt` files only with `torch.load(..., weights_only=True)`. Never imports JAX.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import pickle
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError
+
+CONFIG_NAME = "eraser_config.json"
+WEIGHTS_NAME = "erasers.safetensors"
+PUBLISHED_PT = "eraser_weights.pt"
+PUBLISHED_SAFETENSORS = "eraser_weights.safetensors"
+FORMAT = "unlearn-jax"
+_STATE = "_unlearn_jax_erasers"
+_LORA_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+
+
+class AdapterEraser(nn.Module):
+    """T2VUnlearning's adapter: `up(gelu(down(a)))` (exact GELU), added to the attention output times `scale`."""
+
+    def __init__(self, dim: int, rank: int, scale: float = 1.0):
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        self.scale = float(scale)
+
+    def forward(self, a):
+        return self.up(F.gelu(self.down(a)))
+
+
+class LoRAEraser(nn.Module):
+    """Low-rank delta of a projection: `scale * lora_B(lora_A(x))` added to the projection's output."""
+
+    def __init__(self, din: int, dout: int, rank: int, scale: float = 1.0):
+        super().__init__()
+        self.lora_A = nn.Linear(din, rank, bias=False)
+        self.lora_B = nn.Linear(rank, dout, bias=False)
+        self.scale = float(scale)
+
+    def forward(self, x):
+        return self.lora_B(self.lora_A(x))
+
+
+def _adapter_hook(attn, inputs, output):
+    eraser = attn.adapter
+    if eraser.scale == 0.0:
+        return output
+    if not isinstance(output, tuple) or len(output) != 2:
+        raise UnlearnError("attn1 did not return (video, text) hidden states: not a CogVideoX joint attention")
+    video, text = output
+    return video + eraser.scale * eraser(video), text
+
+
+def _lora_hook(linear, inputs, output):
+    eraser = linear.eraser_lora
+    if eraser.scale == 0.0:
+        return output
+    return output + eraser.scale * eraser(inputs[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading eraser folders (torch tensors, diffusers layout)
+# --------------------------------------------------------------------------------------------
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split())
+    return (text[:limit] + "...") if len(text) > limit else (text or type(e).__name__)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError / OSError on corrupt or truncated files
+        raise UnlearnError(f"{path}: not a readable safetensors file (corrupt or truncated?): {_one_line(e)}") from None
+
+
+def _load_pt(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = ("it holds Python objects other than tensors and dicts" if "global" in str(e).lower()
+               else "it is not a torch.save file of tensors (corrupt or truncated?)")
+        raise UnlearnError(f"{path}: refused by torch.load(weights_only=True): {why}; eraser .pt files are never "
+                           "unpickled beyond plain tensors (ask for a safetensors file)") from None
+    except Exception as e:
+        raise UnlearnError(f"{path}: not a readable PyTorch file (corrupt or truncated?): "
+                           f"{type(e).__name__}: {_one_line(e, 120)}") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, dict) for v in obj.values()):
+        raise UnlearnError(f"{path}: expected a dict of per-block state dicts (the T2VUnlearning layout)")
+    return obj
+
+
+def read_eraser_folder(folder) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config, per-module state dicts in PyTorch layout) of an eraser folder.
+
+    Adapter modules are named `transformer_blocks.{i}.attn1.adapter` (keys down/up .weight/.bias); LoRA
+    modules `transformer_blocks.{i}.attn1.{to_q|to_k|to_v|to_out.0}.eraser_lora` (lora_A/lora_B .weight).
+    config: eraser_type, eraser_rank, scale, num_layers (may be None), dim (may be None).
+    """
+    folder = Path(folder)
+    if folder.is_file() and (folder.parent / CONFIG_NAME).exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UnlearnError(f"{folder}: no such eraser folder")
+    cfg_path = folder / CONFIG_NAME
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        raise UnlearnError(f"{cfg_path}: not a readable eraser config ({_one_line(e)})") from None
+    if not isinstance(raw, dict) or "eraser_type" not in raw:
+        raise UnlearnError(f"{cfg_path}: not an eraser config (no 'eraser_type' key)")
+    kind, rank = raw.get("eraser_type"), raw.get("eraser_rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise UnlearnError(f"{cfg_path}: eraser_rank must be a positive integer, got {rank!r}")
+    cfg = {"eraser_type": kind, "eraser_rank": rank, "scale": float(raw.get("scale", 1.0)),
+           "num_layers": raw.get("num_layers"), "dim": raw.get("dim"),
+           "lora_targets": list(raw.get("lora_targets") or _LORA_MODULES)}
+    if kind in ("attn", "full"):
+        raise UnlearnError(f"{cfg_path}: {kind} erasers replace base weights; export a merged model with "
+                           "`jax_to_diffusers.py ERASERS OUT --format diffusers --base BASE` and load it with "
+                           "CogVideoXTransformer3DModel.from_pretrained")
+    if kind not in ("adapter", "lora"):
+        raise UnlearnError(f"{cfg_path}: eraser_type {kind!r} is not adapter or lora")
+
+    if raw.get("format") == FORMAT:
+        path = folder / WEIGHTS_NAME
+        if not path.exists():
+            raise UnlearnError(f"{folder}: {WEIGHTS_NAME} is missing")
+        flat = _load_safetensors(path)
+        return cfg, _from_jax_layout(kind, flat, path, cfg["lora_targets"])
+    if kind != "adapter":
+        raise UnlearnError(f"{cfg_path}: eraser_type {kind!r}: the T2VUnlearning format holds adapter erasers only")
+    st, pt = folder / PUBLISHED_SAFETENSORS, folder / PUBLISHED_PT
+    if st.exists():
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in _load_safetensors(st).items():
+            module, _, param = key.partition(".adapter.")
+            modules.setdefault(module + ".adapter", {})[param] = t
+    elif pt.exists():
+        modules = _load_pt(pt)
+    else:
+        raise UnlearnError(f"{folder}: no eraser weights ({PUBLISHED_PT} or {PUBLISHED_SAFETENSORS})")
+    return cfg, modules
+
+
+def _from_jax_layout(kind: str, flat: dict[str, torch.Tensor], path: Path, targets) -> dict:
+    """Our stacked (layer, in, out) tensors -> per-block PyTorch (out, in) state dicts."""
+    def need(key, ndim):
+        if key not in flat or flat[key].ndim != ndim:
+            raise ConversionError(f"{path}: tensor {key} missing or not {ndim}-D (found {sorted(flat)[:8]})")
+        return flat[key]
+
+    out = {}
+    if kind == "adapter":
+        dk, db, uk, ub = need("down.kernel", 3), need("down.bias", 2), need("up.kernel", 3), need("up.bias", 2)
+        for i in range(dk.shape[0]):
+            out[f"transformer_blocks.{i}.attn1.adapter"] = {
+                "down.weight": dk[i].T.contiguous(), "down.bias": db[i], "up.weight": uk[i].T.contiguous(),
+                "up.bias": ub[i]}
+        return out
+    for t in targets:
+        if t not in _LORA_MODULES:
+            raise ConversionError(f"{path}: unknown LoRA target {t!r}")
+        a, b = need(f"{t}.a", 3), need(f"{t}.b", 3)
+        for i in range(a.shape[0]):
+            out[f"transformer_blocks.{i}.attn1.{_LORA_MODULES[t]}.eraser_lora"] = {
+                "lora_A.weight": a[i].T.contiguous(), "lora_B.weight": b[i].T.contiguous()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Attaching
+# --------------------------------------------------------------------------------------------
+def _transformer_of(obj):
+    if hasattr(obj, "transformer_blocks"):
+        return obj
+    if hasattr(obj, "transformer") and hasattr(obj.transformer, "transformer_blocks"):
+        return obj.transformer  # a pipeline
+    raise ModelFamilyError(f"{type(obj).__name__}: not a CogVideoX transformer (no transformer_blocks) "
+                           "nor a pipeline holding one")
+
+
+def attach_erasers(transformer, eraser_dir, scale: float | None = None):
+    """Makes a stock diffusers `CogVideoXTransformer3DModel` (or a `CogVideoXPipeline`'s) run the erased model.
+
+    eraser_dir: an unlearn-jax eraser folder (adapter or LoRA erasers) or a published T2VUnlearning one.
+    scale: the eraser scale; None uses the folder's (1.0 for the published format), 0 switches them off.
+    The erasers take the dtype and device of the blocks' weights. Returns the transformer.
+    """
+    transformer = _transformer_of(transformer)
+    if getattr(transformer, _STATE, None):
+        raise UnlearnError("erasers are already attached to this transformer; call detach_erasers first")
+    cfg, modules = read_eraser_folder(eraser_dir)
+    where = Path(eraser_dir)
+    blocks = transformer.transformer_blocks
+    L = len(blocks)
+    attn0 = blocks[0].attn1
+    D = attn0.to_q.in_features
+    if cfg["num_layers"] is not None and cfg["dim"] is not None and (cfg["num_layers"], cfg["dim"]) != (L, D):
+        raise ModelFamilyError(f"{where}: erasers for a transformer with {cfg['num_layers']} blocks of width "
+                               f"{cfg['dim']}, but this one has {L} blocks of width {D} (another base model?)")
+    s = cfg["scale"] if scale is None else float(scale)
+    rank = cfg["eraser_rank"]
+    kind = cfg["eraser_type"]
+
+    # the modules the folder should have for this transformer, and their constructors
+    expected = {}
+    for i, block in enumerate(blocks):
+        if kind == "adapter":
+            expected[f"transformer_blocks.{i}.attn1.adapter"] = (block.attn1, "adapter",
+                                                                 functools.partial(AdapterEraser, D, rank, s))
+            continue
+        for t in cfg["lora_targets"]:
+            sub = _LORA_MODULES[t]
+            lin = block.attn1.get_submodule(sub)
+            expected[f"transformer_blocks.{i}.attn1.{sub}.eraser_lora"] = (
+                lin, "eraser_lora", functools.partial(LoRAEraser, lin.in_features, lin.out_features, rank, s))
+    found_blocks = {int(m.group(1)) for k in modules if (m := re.match(r"^transformer_blocks\.(\d+)\.", k))}
+    if kind == "adapter":
+        probe = modules.get("transformer_blocks.0.attn1.adapter", {}).get("down.weight")
+        if probe is not None and probe.ndim == 2:
+            if probe.shape[1] != D or (found_blocks and max(found_blocks) + 1 != L):
+                raise ModelFamilyError(
+                    f"{where}: erasers for a transformer with {max(found_blocks) + 1} blocks of width "
+                    f"{probe.shape[1]}, but this one has {L} blocks of width {D} (another base model?)")
+            if probe.shape[0] != rank:
+                raise ConversionError(f"{where}: {CONFIG_NAME} says eraser_rank {rank}, but the weights have rank "
+                                      f"{probe.shape[0]}")
+    else:
+        first = next(iter(expected), None)
+        probe = modules.get(first, {}).get("lora_A.weight") if first else None
+        if found_blocks and max(found_blocks) + 1 != L or (probe is not None and probe.shape[-1] != D):
+            raise ModelFamilyError(f"{where}: LoRA erasers for {max(found_blocks) + 1} blocks of width "
+                                   f"{None if probe is None else probe.shape[-1]}, but this transformer has {L} "
+                                   f"blocks of width {D} (another base model?)")
+        if probe is not None and probe.shape[0] != rank:
+            raise ConversionError(f"{where}: {CONFIG_NAME} says eraser_rank {rank}, but the weights have rank "
+                                  f"{probe.shape[0]}")
+    missing = sorted(set(expected) - set(modules))
+    unexpected = sorted(set(modules) - set(expected))
+    if missing or unexpected or not expected:
+        raise ConversionError(f"{where}: erasers do not fit this transformer: missing {missing[:6]}, "
+                              f"unexpected {unexpected[:6]}")
+
+    ref = attn0.to_q.weight
+    made = []
+    try:
+        for name, (parent, child, make) in expected.items():
+            eraser = make()
+            try:
+                eraser.load_state_dict(modules[name], strict=True)
+            except RuntimeError as e:
+                raise ConversionError(f"{where}: {name}: {_one_line(e, 300)}") from None
+            eraser.to(device=ref.device, dtype=ref.dtype)
+            parent.add_module(child, eraser)
+            hook = _adapter_hook if child == "adapter" else _lora_hook
+            made.append((parent, child, parent.register_forward_hook(hook)))
+    except BaseException:
+        for parent, child, handle in made:
+            handle.remove()
+            delattr(parent, child)
+        raise
+    setattr(transformer, _STATE, {"entries": made, "kind": kind, "source": str(eraser_dir)})
+    return transformer
+
+
+def attached_erasers(transformer) -> list[nn.Module]:
+    """The eraser modules attached to a transformer (empty if none)."""
+    state = getattr(_transformer_of(transformer), _STATE, None) or {"entries": []}
+    return [getattr(parent, child) for parent, child, _ in state["entries"]]
+
+
+def set_eraser_scale(transformer, scale: float):
+    """Sets the scale of every attached eraser (0 switches them off without detaching)."""
+    erasers = attached_erasers(transformer)
+    if not erasers:
+        raise UnlearnError("no erasers are attached to this transformer")
+    for e in erasers:
+        e.scale = float(scale)
+    return transformer
+
+
+def detach_erasers(transformer):
+    """Removes the attached erasers (hooks and modules): the transformer is the stock model again."""
+    transformer = _transformer_of(transformer)
+    state = getattr(transformer, _STATE, None)
+    if state:
+        for parent, child, handle in state["entries"]:
+            handle.remove()
+            delattr(parent, child)
+    if hasattr(transformer, _STATE):
+        delattr(transformer, _STATE)
+    return transformer
