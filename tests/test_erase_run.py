@@ -30,6 +30,7 @@ def _metrics(workdir):
 def full_run(pipeline, tmp_path_factory):
     wd = tmp_path_factory.mktemp("full")
     cfg = tiny_erase_config(pipeline, wd, **{"train.num_steps": 5})
+    cfg.export.formats = ["erasers", "t2vunlearning"]
     summary = run_erase(cfg, progress=False)
     return wd, summary
 
@@ -48,6 +49,28 @@ def test_run_writes_metrics_checkpoints_and_plots(full_run):
     for name in ("loss_curves.png", "masks.png", "config.json"):
         assert (wd / name).stat().st_size > 0, name
     assert json.loads((wd / "config.json").read_text())["erase"]["eta"] == 7.0
+
+
+def test_run_exports_erasers_that_load_back(pipeline, full_run):
+    import jax
+    import orbax.checkpoint as ocp
+
+    import unlearn_jax
+
+    wd, summary = full_run
+    assert sorted(summary["exports"]) == sorted([str(wd / "export" / "erasers"), str(wd / "export" / "t2vunlearning")])
+    assert (wd / "export" / "t2vunlearning" / "eraser_weights.pt").exists()
+    model = unlearn_jax.load_transformer(pipeline, erasers=wd / "export" / "erasers")
+    published = unlearn_jax.load_transformer(pipeline, erasers=wd / "export" / "t2vunlearning")
+    with ocp.CheckpointManager((wd / "checkpoints").absolute()) as m:
+        trained = m.restore(5)["phi"]
+    np.testing.assert_array_equal(np.asarray(model.eraser_params()["up"]["kernel"]), trained["up"]["kernel"])
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 2, 4, 8, 8)).astype(np.float32)
+    ctx = rng.standard_normal((1, 16, 32)).astype(np.float32)
+    on, off = np.asarray(model(x, ctx, 500)), np.asarray(model(x, ctx, 500, erasers_on=False))
+    assert np.abs(on - off).max() > 0  # trained erasers change the velocity
+    np.testing.assert_allclose(np.asarray(published(x, ctx, 500)), on, atol=1e-6)
 
 
 def test_resume_continues_the_same_trajectory(pipeline, full_run, tmp_path):

@@ -34,7 +34,7 @@ def _maybe_init_distributed(cfg):
     d = cfg.distributed
     if not d.enabled:
         return
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
+    if d.cpu_collectives:  # only used by CPU devices; asking the backend here would initialise it too early
         jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
     kw = {}
     if d.coordinator_address:
@@ -290,7 +290,7 @@ class Run:
                 t0 = time.perf_counter()
                 batch = self.host_batch(step)
                 new_state, m = self.jit_step(self.state, self.base, batch)
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                m = {k: _scalar(v) for k, v in m.items()}
                 if not math.isfinite(m["loss"]):
                     # The donated old state is gone; the last checkpoint stays the last good one.
                     status = "non_finite"
@@ -322,20 +322,24 @@ class Run:
                 signal.signal(signal.SIGTERM, old_handler)
             mngr.close()
         summary = {"status": status, "step": step, "workdir": str(self.workdir)}
-        if self.is_main:
-            self.plot(history)
-            if status == "completed" and step >= cfg.train.num_steps:
-                summary["exports"] = self.export()
+        self.plot(history)  # every process joins the mask computation; the main one writes
+        if status == "completed" and step >= cfg.train.num_steps:
+            phi = _gather(self.state.phi)  # collective: every process takes part
+            if self.is_main:
+                summary["exports"] = self.export(phi)
         return summary
 
     # ---- outputs -------------------------------------------------------------------------------
     def plot(self, history: list[dict]):
         from unlearn_jax.plots import plot_losses, plot_masks
 
+        masks = self.probe_masks() if self.settings.alpha_loc and self.eraser.kind == "adapter" else None
+        if not self.is_main:
+            return
         if history:
             plot_losses(history, self.workdir / "loss_curves.png")
-        if self.settings.alpha_loc and self.eraser.kind == "adapter":
-            plot_masks(self.probe_masks(), self.workdir / "masks.png", self.data.names[0])
+        if masks is not None:
+            plot_masks(masks, self.workdir / "masks.png", self.data.names[0])
 
     def probe_masks(self):
         """Per-layer localization masks of the frozen model on the first concept's phrase (for the plot)."""
@@ -359,13 +363,14 @@ class Run:
         x = jax.random.normal(jax.random.key(self.cfg.seed), (1, *self.latent_shape), jnp.float32)
         m = masks(self.base, x, self.data.embeds[row][None], self.data.concept_idx[row][None],
                   self.data.concept_valid[row][None])
-        return np.asarray(m)[:, 0].reshape(m.shape[0], *step.grid)
+        m = _gather(m)
+        return m[:, 0].reshape(m.shape[0], *step.grid)
 
-    def export(self) -> list[str]:
+    def export(self, phi) -> list[str]:
+        """Writes the configured export formats of the trained erasers `phi` (host arrays)."""
         from unlearn_jax import eraser_io
 
         out = []
-        phi = _host(self.state.phi)
         for fmt in self.cfg.export.formats:
             target = self.workdir / "export" / fmt
             if fmt == "erasers":
@@ -383,10 +388,21 @@ class Run:
         return out
 
 
-def _host(tree):
+def _gather(tree):
+    """Host copies of (possibly multi-process) arrays; a collective when arrays span processes."""
     import jax
 
-    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def _scalar(x) -> float:
+    """A replicated scalar's value, read from this process's own shard (valid across hosts)."""
+    shards = getattr(x, "addressable_shards", None)
+    return float(np.asarray(shards[0].data)) if shards else float(x)
 
 
 def threading_is_main() -> bool:
