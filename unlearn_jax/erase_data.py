@@ -7,7 +7,6 @@ run would have drawn.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -166,10 +165,3 @@ def build_erase_data(pipeline_dir: str | Path, specs: list[ConceptSpec], *, defa
     return EraseData([s.phrase for s in specs], etas, embeds[:-1], prompts, idx, valid, rows, pre_rows,
                      embeds[-1:], seed)
 
-
-def describe(data: EraseData) -> str:
-    lines = []
-    for k, name in enumerate(data.names):
-        lines.append(json.dumps({"concept": name, "eta": float(data.etas[k]), "prompts": int(len(data.pools[k])),
-                                 "preserve": int(len(data.preserve[k]))}))
-    return "\n".join(lines)

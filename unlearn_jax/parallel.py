@@ -36,6 +36,7 @@ DEFAULT_RULES: tuple = (
     ("length", None),
     ("vocab", None),
     ("rank", None),
+    ("relpos_buckets", None),
 )
 
 

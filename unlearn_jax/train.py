@@ -167,6 +167,3 @@ class ErasureStep:
         new = TrainState(state.step + 1, phi, opt_state, jax.random.key_data(key))
         return new, metrics
 
-    def loss_terms(self, state: TrainState, base, batch):
-        """The step's metrics without updating (for tests and analyses)."""
-        return self(state, base, batch)[1]

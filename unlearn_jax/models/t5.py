@@ -32,17 +32,7 @@ from flax import nnx
 from unlearn_jax.conversion import LINEAR, Rule, RuleTable, SafetensorsReader, Target, load_params
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.models.layers import Dense
-
-# Logical axis name -> mesh axis. Mesh axes a given mesh does not have are treated as None.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
-    ("vocab", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("layers", None),
-    ("norm", None),
-    ("relpos_buckets", None),
-)
+from unlearn_jax.parallel import DEFAULT_RULES, named_sharding
 
 # model_type -> (variant, architectures whose encoder we can read)
 _FAMILIES = {
@@ -410,27 +400,6 @@ def param_leaves(model: nnx.Module) -> dict[str, jax.Array]:
     return {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def leaf_sharding(axes: Sequence[str | None] | None, shape: Sequence[int], mesh, rules) -> jax.sharding.Sharding | None:
-    """NamedSharding for a leaf from its logical axis names; None without a mesh.
-
-    A logical name maps to the mesh axis the rules give it; a mesh axis the mesh lacks, or one
-    that does not divide the dimension, leaves that dimension replicated.
-    """
-    if mesh is None:
-        return None
-    table = dict(rules)
-    spec = []
-    used = set()
-    for name, size in zip(tuple(axes or (None,) * len(shape)), shape):
-        ax = table.get(name) if name is not None else None
-        if ax is None or ax not in mesh.shape or ax in used or size % mesh.shape[ax]:
-            spec.append(None)
-        else:
-            spec.append(ax)
-            used.add(ax)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
-
-
 def _encoder_folder(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
@@ -463,7 +432,7 @@ def load_text_encoder(path: str | Path, dtype=None, mesh: jax.sharding.Mesh | No
     for p, var in flat:
         spec = specs[p].get_value() if p in specs else None
         shape, dt = var.get_value().shape, var.get_value().dtype
-        targets[".".join(map(str, p))] = Target(tuple(shape), np.dtype(dt), leaf_sharding(spec, shape, mesh, rules))
+        targets[".".join(map(str, p))] = Target(tuple(shape), np.dtype(dt), None if mesh is None else named_sharding(spec, shape, mesh, rules))
     reader = SafetensorsReader(folder)
     try:
         leaves = load_params(_EncoderCheckpoint(reader), rule_table(config), targets, where=str(folder))
