@@ -29,21 +29,12 @@ def build_erase_pipeline(folder, seed: int = 0, **transformer_overrides) -> Path
 
 
 def tiny_erase_config(pipeline, workdir, **overrides):
-    from unlearn_jax.config import apply_override
-    from unlearn_jax.erase_config import default_config
+    """configs/tiny_test.py for `pipeline` and `workdir`, no exports, plus `field=value` overrides."""
+    from unlearn_jax.config import apply_override, load_config
 
-    c = default_config()
+    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py")
     c.model.path = str(pipeline)
     c.workdir = str(workdir)
-    c.model.dtype = c.model.param_dtype = "float32"
-    c.model.attention = "xla"
-    c.video.num_frames, c.video.height, c.video.width = 2, 8, 8  # no vae/: pixel-sized latents, 2 frames
-    c.concepts = [{"phrase": "red cat", "type": "object", "preserve": ["blue dog"]}]
-    c.sampler.num_steps = 4
-    c.eraser.rank = 4
-    c.train.num_steps = 4
-    c.train.learning_rate = 1e-3
-    c.train.checkpoint_every = 2
     c.export.formats = []
     for k, v in overrides.items():
         apply_override(c, f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}")
