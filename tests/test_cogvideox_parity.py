@@ -1,4 +1,5 @@
 """The JAX CogVideoX transformer equals diffusers' CogVideoXTransformer3DModel (fp32, and bf16 within tolerance)."""
+import jax
 import jax.numpy as jnp
 import tempfile
 
@@ -7,6 +8,7 @@ import pytest
 
 import unlearn_jax
 from helpers_cogvideox import VARIANTS, build_torch, inputs, tiny_config, torch_forward
+from unlearn_jax.models.layers import attention
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -39,6 +41,20 @@ def test_reference_attention_path_equals(saved):
     ref = torch_forward(tmodel, cfg, x, ctx, t)
     out = np.asarray(unlearn_jax.load_transformer(folder, attention="reference", remat="full")(x, ctx, t))
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
+    # The query-chunked path: 7-row blocks, so several blocks run and the last one is padded.
+    n_tokens = cfg["max_text_seq_length"] + x.shape[1] // (cfg.get("patch_size_t") or 1) * (
+        x.shape[3] // cfg.get("patch_size", 2)) * (x.shape[4] // cfg.get("patch_size", 2))
+    assert n_tokens > 2 * 7 and n_tokens % 7, n_tokens
+    chunked = np.asarray(unlearn_jax.load_transformer(folder, attention="chunked", attention_chunk=7,
+                                                      remat="full")(x, ctx, t))
+    np.testing.assert_allclose(chunked, ref, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(chunked, out, atol=2e-6, rtol=1e-6)
+    # ... and its gradient equals the reference path's (each block is rematerialised in the backward pass).
+    q, k, v = (jnp.asarray(np.random.default_rng(i).standard_normal((2, 45, 3, 8)), jnp.float32) for i in range(3))
+    loss = lambda impl: lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, impl, chunk=8)))  # noqa: E731
+    np.testing.assert_allclose(loss("chunked")(q, k, v), loss("reference")(q, k, v), rtol=1e-6)
+    for gc, gr in zip(jax.grad(loss("chunked"), (0, 1, 2))(q, k, v), jax.grad(loss("reference"), (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(gc, gr, atol=1e-6, rtol=1e-5)
 
 
 def test_bf16_within_tolerance(saved):

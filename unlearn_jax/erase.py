@@ -105,6 +105,7 @@ class Run:
                   "devices; the batch is replicated", file=sys.stderr)
         self.model = load_transformer(self.pipeline, dtype=cfg.model.param_dtype, compute_dtype=cfg.model.dtype,
                                       mesh=self.mesh, rules=self.rules, attention=cfg.model.attention,
+                                      attention_chunk=cfg.model.attention_chunk,
                                       remat=cfg.model.remat, progress=progress and self.is_main)
         self.latent_shape = latent_shape(cfg, self.pipeline, self.model)
         specs = concept_specs(cfg.concepts)

@@ -16,7 +16,8 @@ def default_config() -> ConfigDict:
     c.model.path = config_dict.placeholder(str)  # pipeline folder: transformer/, text_encoder/, tokenizer/, scheduler/
     c.model.dtype = "bfloat16"  # compute dtype of the frozen model ("float32" for exact runs)
     c.model.param_dtype = "bfloat16"  # storage dtype of the frozen base weights
-    c.model.attention = "auto"  # xla | cudnn | auto | reference
+    c.model.attention = "auto"  # xla | cudnn | auto | reference | chunked (query blocks; bounded memory anywhere)
+    c.model.attention_chunk = 1024  # query block of attention="chunked"
     c.model.remat = "none"  # none | full | dots | dots_no_batch | attn_out
     c.model.text_dtype = config_dict.placeholder(str)  # T5 dtype (None: the checkpoint's)
 

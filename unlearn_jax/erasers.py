@@ -114,11 +114,12 @@ def _replace_leaves(layer_state, new: dict[str, jax.Array]):
 
 
 def eraser_hooks(cfg: EraserConfig, phi: dict | None, scale: float | jax.Array | None = None,
-                 collect_outputs: bool = False) -> tuple[Hooks | None, Any]:
+                 collect_outputs: bool | str = False) -> tuple[Hooks | None, Any]:
     """(hooks, extras) that apply `phi` inside the model; (None, None) when phi is None (erasers off).
 
     collect_outputs: the adapter hook returns each block's adapter output `o_l` (B, N_video, dim)
-    as aux (the localization loss needs it).
+    as aux (True), or only its per-token energy mean_d(o_l^2) (B, N_video) ("energy"): all the
+    localization loss needs, and the layer scan then stacks D times less.
     """
     if phi is None:
         return None, None
@@ -126,7 +127,12 @@ def eraser_hooks(cfg: EraserConfig, phi: dict | None, scale: float | jax.Array |
     if cfg.kind == "adapter":
         def on_video_attn(a, extra):
             o = adapter_apply(a, extra, s)
-            return (a + jnp.asarray(s, a.dtype) * o).astype(a.dtype), (o if collect_outputs else None)
+            aux = None
+            if collect_outputs == "energy":
+                aux = jnp.mean(jnp.square(o.astype(jnp.float32)), axis=-1)
+            elif collect_outputs:
+                aux = o
+            return (a + jnp.asarray(s, a.dtype) * o).astype(a.dtype), aux
 
         return Hooks(on_video_attn=on_video_attn), phi
     if cfg.kind == "lora":

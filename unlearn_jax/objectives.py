@@ -79,13 +79,15 @@ def localization_masks(maps, grid, threshold: float, mode: str = "per_layer"):
     return (soft >= threshold).astype(jnp.float32).reshape(maps.shape)
 
 
-def localization_loss(adapter_out, masks):
-    """L_loc: per layer, mean over background tokens of mean_d(o^2); averaged over layers and batch.
+def localization_loss(adapter_energy, masks):
+    """L_loc: per layer, the mean over background tokens of mean_d(o^2); averaged over layers and batch.
 
-    adapter_out (L, B, N_video, D), masks (L, B, N_video) with 1 = concept region."""
+    adapter_energy (L, B, N_video): each token's mean_d(o_l^2) (or the outputs o_l themselves,
+    (L, B, N_video, D), whose energy is then taken here); masks (L, B, N_video), 1 = concept region."""
+    if adapter_energy.ndim == masks.ndim + 1:
+        adapter_energy = jnp.mean(jnp.square(adapter_energy.astype(jnp.float32)), axis=-1)
     bg = 1.0 - masks
-    energy = jnp.mean(jnp.square(adapter_out.astype(jnp.float32)), axis=-1)  # (L, B, Nv)
-    per = (bg * energy).sum(-1) / (bg.sum(-1) + 1e-9)  # (L, B)
+    per = (bg * adapter_energy.astype(jnp.float32)).sum(-1) / (bg.sum(-1) + 1e-9)  # (L, B)
     return per.mean()
 
 

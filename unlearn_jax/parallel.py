@@ -27,7 +27,7 @@ DEFAULT_RULES: tuple = (
     ("kv", None),
     ("norm", None),
     ("temb", None),
-    ("adaln", "tensor"),
+    ("adaln", ("tensor", "fsdp")),  # the modulation projections are ~15% of a CogVideoX block
     ("patch", None),
     ("text_embed", None),
     ("freq", None),

@@ -145,7 +145,7 @@ class ErasureStep:
             x_in, c_in = x_t, ctx
 
         def loss_fn(phi):
-            v, aux_e = self.velocity(base, phi, x_in, c_in, t, collect=use_loc)
+            v, aux_e = self.velocity(base, phi, x_in, c_in, t, collect="energy" if use_loc else False)
             l_un = O.mse(v[:b], v_neg)
             l_loc = O.localization_loss(aux_e["attn"][:, :b], masks) if use_loc else jnp.zeros((), jnp.float32)
             if use_pre:

@@ -235,6 +235,7 @@ class Runtime:
     dtype: Any = jnp.float32  # compute dtype; norms, modulation and softmax stay fp32
     param_dtype: Any = jnp.float32
     attention: str = "xla"  # one of ATTENTION_IMPLS
+    attention_chunk: int | None = None  # query block of attention="chunked" (None: layers.ATTENTION_CHUNK)
     remat: str = "none"  # one of layers.REMAT_POLICIES
     scan_unroll: int = 1
     mesh: Any = None  # activation sharding constraints when set
@@ -264,6 +265,7 @@ class JointAttention(nnx.Module):
     def __init__(self, cfg: CogVideoXConfig, rt: Runtime, rngs: nnx.Rngs):
         dim, kw = cfg.inner_dim, dict(dtype=rt.dtype, param_dtype=rt.param_dtype, rngs=rngs)
         self.heads, self.head_dim, self.impl = cfg.num_attention_heads, cfg.attention_head_dim, rt.attention
+        self.chunk = rt.attention_chunk
         self.to_q = Dense(dim, dim, ("embed", "heads"), use_bias=cfg.attention_bias, **kw)
         self.to_k = Dense(dim, dim, ("embed", "heads"), use_bias=cfg.attention_bias, **kw)
         self.to_v = Dense(dim, dim, ("embed", "heads"), use_bias=cfg.attention_bias, **kw)
@@ -285,7 +287,7 @@ class JointAttention(nnx.Module):
             cos, sin = rope
             q = jnp.concatenate([q[:, :text_len], apply_rope(q[:, text_len:], cos, sin)], axis=1)
             k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
-        o = attention(q, k, v, self.impl)
+        o = attention(q, k, v, self.impl, self.chunk)
         o = checkpoint_name(o, "attn_out")
         return self.to_out(o.reshape(*x.shape[:2], -1)), qk_aux
 

@@ -55,20 +55,45 @@ class LayerNorm(nnx.Module):
         return y.astype(dtype)
 
 
-ATTENTION_IMPLS = ("reference", "xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("reference", "chunked", "xla", "cudnn", "auto")
+ATTENTION_CHUNK = 1024  # default query block of the "chunked" path
 
 
-def attention(q, k, v, impl: str = "xla"):
+def _reference_attention(q, k, v):
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+
+
+def _chunked_attention(q, k, v, chunk: int):
+    """The reference path over query blocks of `chunk` (the last one zero-padded), one block at a time.
+
+    Each block is the reference computation on its own rows, so the result equals the reference to
+    rounding; only one (B, N, chunk, S) logits block is live. Each block is rematerialised in the
+    backward pass, so the gradient does not keep every block's probabilities either."""
+    b, t, n, h = q.shape
+    chunk = max(1, min(int(chunk), t))
+    pad = (-t) % chunk
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
+    qc = qp.reshape(b, -1, chunk, n, h).swapaxes(0, 1)  # (C, B, chunk, N, H)
+    block = jax.checkpoint(lambda qq: _reference_attention(qq, k, v), prevent_cse=False)
+    out = jax.lax.map(block, qc)  # (C, B, chunk, N, H)
+    return out.swapaxes(0, 1).reshape(b, -1, n, v.shape[-1])[:, :t]
+
+
+def attention(q, k, v, impl: str = "xla", chunk: int | None = None):
     """Softmax attention over (B, T, N, H) arrays, no mask; `impl` picks the kernel.
 
-    "reference" is the plain einsum-softmax path (fp32 softmax), the others go through
-    `jax.nn.dot_product_attention` ("auto" lets JAX choose the backend).
+    "reference" is the plain einsum-softmax path (fp32 softmax); "chunked" is the same computation
+    over query blocks of `chunk` rows (default ATTENTION_CHUNK), a memory-bounded pure-XLA path for
+    backends without a fused kernel; the others go through `jax.nn.dot_product_attention` ("auto"
+    lets JAX choose the backend).
     """
     if impl == "reference":
-        scale = q.shape[-1] ** -0.5
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        return jnp.einsum("bnqk,bknh->bqnh", probs, v)
+        return _reference_attention(q, k, v)
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, ATTENTION_CHUNK if chunk is None else chunk)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
     return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
