@@ -3,16 +3,16 @@ import functools
 
 import numpy as np
 import pytest
-import torch
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import unlearn_jax
-from helpers_cogvideox import build_torch, inputs, tiny_config, torch_rope
+from helpers_cogvideox import build_torch, inputs, tiny_config
 from unlearn_jax.erasers import EraserConfig, eraser_hooks, init_erasers
 from unlearn_jax.schedulers import SchedulerConfig, make_schedule
+from unlearn_jax.torch.reference import ReferenceIteration
 from unlearn_jax.train import ErasureStep, StepSettings, init_state, make_optimizer
 
 ETA, ALPHA, BETA, TAU = 7.0, 1.0, 0.5, 0.1
@@ -61,85 +61,12 @@ def _step(model, ec, latent_shape, **kw):
 # The PyTorch reference of one iteration (ALGORITHM.md §2, §4, §5), written on diffusers' model
 # ---------------------------------------------------------------------------------------------
 def torch_reference(tmodel, cfg, phi, batch):
-    L = cfg["num_layers"]
-    params = []
-    for l in range(L):
-        params.append({
-            "dw": torch.tensor(np.asarray(phi["down"]["kernel"][l]).T.copy(), requires_grad=True),
-            "db": torch.tensor(np.asarray(phi["down"]["bias"][l]), requires_grad=True),
-            "uw": torch.tensor(np.asarray(phi["up"]["kernel"][l]).T.copy(), requires_grad=True),
-            "ub": torch.tensor(np.asarray(phi["up"]["bias"][l]), requires_grad=True),
-        })
-    rope = torch_rope(cfg, FRAMES, H, W)
-    state = {"adapters": False, "outs": [], "qk": []}
-    handles = []
-    for l, blk in enumerate(tmodel.transformer_blocks):
-        def attn_hook(mod, args, out, l=l):
-            if not state["adapters"]:
-                return out
-            video, text = out
-            p = params[l]
-            o = torch.nn.functional.linear(
-                torch.nn.functional.gelu(torch.nn.functional.linear(video, p["dw"], p["db"])), p["uw"], p["ub"])
-            state["outs"].append(o)
-            return video + o, text
-        handles.append(blk.attn1.register_forward_hook(attn_hook))
-        handles.append(blk.attn1.to_q.register_forward_hook(lambda m, a, o: state["qk"].append(("q", o))))
-        handles.append(blk.attn1.to_k.register_forward_hook(lambda m, a, o: state["qk"].append(("k", o))))
-
-    def vel(x, ctx, t):
-        return tmodel(x, ctx, torch.full((x.shape[0],), float(t)), image_rotary_emb=rope, return_dict=False)[0]
-
-    T = lambda a: torch.from_numpy(np.asarray(a))  # noqa: E731
-    x_t, ctx, uncond, t = T(batch["x_t"]), T(batch["ctx"]), T(batch["uncond"]), float(batch["t"])
-    b = x_t.shape[0]
-    heads, hd = cfg["num_attention_heads"], cfg["attention_head_dim"]
-    text_len = ctx.shape[1]
-    with torch.no_grad():
-        v_u = vel(x_t, uncond.expand_as(ctx), t)
-        state["qk"].clear()
-        v_c = vel(x_t, ctx, t)
-        qs = [o for n, o in state["qk"] if n == "q"]
-        ks = [o for n, o in state["qk"] if n == "k"]
-        v_neg = v_u - ETA * (v_c - v_u)
-        masks = []
-        for q, k in zip(qs, ks):
-            q = q.view(b, -1, heads, hd).transpose(1, 2)
-            k = k.view(b, -1, heads, hd).transpose(1, 2)
-            A = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1).mean(1)  # (B, S, S)
-            A = A[:, text_len:, :text_len]
-            m = torch.zeros(b, A.shape[1])
-            for i in range(b):
-                cols = batch["concept_idx"][i][batch["concept_valid"][i]]
-                m[i] = A[i][:, torch.from_numpy(cols).long()].sum(-1)
-            m = m.view(b, FRAMES, H // 2, W // 2)
-            lo = m.amin(dim=(2, 3), keepdim=True)
-            hi = m.amax(dim=(2, 3), keepdim=True)
-            masks.append(((m - lo) / (hi - lo + 1e-6) >= TAU).float().view(b, -1))
-        v_pre_frozen = vel(T(batch["x_pre"]), T(batch["pre_ctx"]), t)
-    state["adapters"] = True
-    state["outs"].clear()
-    v_e = vel(x_t, ctx, t)
-    outs = list(state["outs"])
-    l_un = ((v_e - v_neg) ** 2).mean()
-    l_loc = 0
-    for o, M in zip(outs, masks):
-        bg = 1 - M
-        e = (o**2).mean(-1)
-        l_loc = l_loc + ((bg * e).sum(-1) / (bg.sum(-1) + 1e-9)).mean()
-    l_loc = l_loc / L
-    v_pe = vel(T(batch["x_pre"]), T(batch["pre_ctx"]), t)
-    l_pre = ((v_pe - v_pre_frozen) ** 2).mean()
-    loss = l_un + ALPHA * l_loc + BETA * l_pre
-    loss.backward()
-    for h in handles:
-        h.remove()
-    grads = {"down": {"kernel": np.stack([p["dw"].grad.numpy().T for p in params]),
-                      "bias": np.stack([p["db"].grad.numpy() for p in params])},
-             "up": {"kernel": np.stack([p["uw"].grad.numpy().T for p in params]),
-                    "bias": np.stack([p["ub"].grad.numpy() for p in params])}}
-    terms = {"loss": loss.item(), "loss_unlearn": l_un.item(), "loss_loc": l_loc.item(), "loss_pre": l_pre.item()}
-    return terms, grads, np.stack([m.numpy() for m in masks])
+    """Loss terms, unclipped gradients and masks of the shared PyTorch reference (unlearn_jax.torch.reference)."""
+    with ReferenceIteration(tmodel, phi, latent_shape=batch["x_t"].shape[1:], alpha_loc=ALPHA, beta_pre=BETA,
+                            mask_threshold=TAU) as ref:
+        frozen = ref.frozen_passes(batch["x_t"], batch["t"], batch)
+        terms = ref.loss_and_grads(batch["x_t"], batch["t"], batch, frozen)
+        return terms, ref.grads(), frozen["masks"].numpy()
 
 
 def _rel(a, b):
