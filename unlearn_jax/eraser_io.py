@@ -36,6 +36,7 @@ from unlearn_jax.atomic import atomic_dir
 from unlearn_jax.conversion import (IDENTITY, LINEAR, Rule, RuleTable, SafetensorsReader, Target, iter_torch_tensors,
                                     load_params, write_safetensors)
 from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError
+from unlearn_jax.jsonfiles import read_json_object
 from unlearn_jax.erasers import KINDS, EraserConfig, eraser_axes, eraser_hooks
 from unlearn_jax.models.cogvideox import CogVideoXConfig, CogVideoXTransformer, abstract_model
 
@@ -198,16 +199,6 @@ class _ArrayReader:
         pass
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UnlearnError(f"{path}: not a readable eraser config ({_one_line(e)})") from None
-    if not isinstance(d, dict):
-        raise UnlearnError(f"{path}: not an eraser config (expected a JSON object)")
-    return d
-
-
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split())
     return (text[:limit] + "...") if len(text) > limit else (text or type(e).__name__)
@@ -274,7 +265,7 @@ def load_erasers(folder, model=None) -> tuple[EraserConfig, dict]:
     """
     folder = _eraser_folder(folder)
     cfg_path = folder / CONFIG_NAME
-    d = _read_json(cfg_path)
+    d = read_json_object(cfg_path, "eraser config")
     if d.get("format") == FORMAT:
         return _load_ours(folder, d, model)
     if "eraser_type" in d:

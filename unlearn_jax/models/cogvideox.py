@@ -13,7 +13,6 @@ gives the pipeline's velocity.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from unlearn_jax.conversion import IDENTITY, LINEAR, Rule, RuleTable, flatten_in, squeeze_leading
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
+from unlearn_jax.jsonfiles import read_json_object
 from unlearn_jax.models.layers import ATTENTION_IMPLS, Dense, LayerNorm, attention, logical_constraint, remat
 
 CLASS_NAME = "CogVideoXTransformer3DModel"
@@ -96,12 +96,7 @@ class CogVideoXConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "CogVideoXConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise UnlearnError(f"{path}: cannot read the transformer config ({e})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path, "transformer config"), str(path))
 
     def to_dict(self) -> dict:
         return {"_class_name": CLASS_NAME, **dataclasses.asdict(self)}

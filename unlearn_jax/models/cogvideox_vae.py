@@ -32,6 +32,7 @@ from flax import nnx
 
 from unlearn_jax.conversion import IDENTITY, Rule, RuleTable, SafetensorsReader, Target, Transform, load_params
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
+from unlearn_jax.jsonfiles import read_json_object
 
 FAMILY = "CogVideoX VAE"
 CLASS_NAME = "AutoencoderKLCogVideoX"
@@ -707,31 +708,21 @@ def param_shapes(config: VAEConfig, dtype=jnp.float32) -> dict[str, jax.ShapeDty
 # --------------------------------------------------------------------------------------------
 # Loading a diffusers folder
 # --------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UnlearnError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(d, dict):
-        raise UnlearnError(f"{path}: expected a JSON object")
-    return d
-
-
 def resolve_vae_folder(path: str | Path) -> Path:
     """A diffusers VAE folder, or a pipeline folder (its `vae/`); other model families are refused."""
     path = Path(path)
     if not path.is_dir():
         raise UnlearnError(f"{path}: no such folder")
     if (path / "config.json").exists():
-        cls = _read_json(path / "config.json").get("_class_name")
+        cls = read_json_object(path / "config.json").get("_class_name")
         if cls != CLASS_NAME:
             raise ModelFamilyError(f"{path}: holds a {cls or 'unknown'} model, not a CogVideoX VAE ({CLASS_NAME})")
         return path
     if (path / "model_index.json").exists():
-        entry = _read_json(path / "model_index.json").get("vae")
+        entry = read_json_object(path / "model_index.json").get("vae")
         cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         if cls != CLASS_NAME:
-            pipe = _read_json(path / "model_index.json").get("_class_name", "pipeline")
+            pipe = read_json_object(path / "model_index.json").get("_class_name", "pipeline")
             raise ModelFamilyError(f"{path}: a {pipe} folder whose VAE is {cls or 'absent'}, not {CLASS_NAME}")
         return resolve_vae_folder(path / "vae")
     if (path / "vae" / "config.json").exists():
