@@ -41,7 +41,9 @@ DEFAULT_RULES: tuple = (
 
 
 def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
-    """A mesh over `devices` (default: all) with named axes; one axis may be -1 (= the rest)."""
+    """A mesh over `devices` (default: all) with named axes; one axis may be -1 (= the rest).
+
+    A mesh of fewer devices than present uses the first ones (single-process runs only)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = dict(shape or {"data": -1, "fsdp": 1, "tensor": 1})
     free = [k for k, v in shape.items() if v == -1]
@@ -52,9 +54,11 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
         if len(devices) % known:
             raise UnlearnError(f"mesh {shape}: {len(devices)} devices do not divide by {known}")
         shape[free[0]] = len(devices) // known
-    if int(np.prod(list(shape.values()))) != len(devices):
-        raise UnlearnError(f"mesh {shape} needs {int(np.prod(list(shape.values())))} devices, {len(devices)} present")
-    arr = np.asarray(devices).reshape(tuple(shape.values()))
+    need = int(np.prod(list(shape.values())))
+    # A smaller mesh takes the first devices; only within one process (a multi-host mesh spans all).
+    if need > len(devices) or (need < len(devices) and jax.process_count() > 1):
+        raise UnlearnError(f"mesh {shape} needs {need} devices, {len(devices)} present")
+    arr = np.asarray(devices[:need]).reshape(tuple(shape.values()))
     return Mesh(arr, tuple(shape.keys()))
 
 
