@@ -1,0 +1,12 @@
+"""Train the toy-world text-to-video model and write its pipeline folder (default assets/toy_world).
+
+    taskset -c 1 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        python tools/toy/train_toy_model.py --out assets/toy_world --workdir runs/toy_train_final2 \
+        --steps 4000 --batch-size 16 --lr 3e-3 --seed 0 --time-limit-min 29
+"""
+import sys
+
+from unlearn_jax.toy.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

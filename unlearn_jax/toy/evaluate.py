@@ -1,0 +1,236 @@
+"""How often a toy-world model generates each concept when prompted for it.
+
+For every concept (an attribute value: colour:red, shape:circle, motion:left, ...) and for each
+synonym split (train / heldout), `n` prompts name that concept with a synonym of the split
+(the other attributes drawn at random and named with train synonyms, templates at random); one
+video is generated per prompt with classifier-free guidance by the project's sampler, the
+detector reads its attributes, and the concept's *generation rate* is the fraction of videos
+whose detected attribute is the prompted value. `all` is the fraction with every prompted
+attribute right. Prompts and noise are a pure function of the seed, so two models (a base
+model and its erased copy) are compared on the same prompts and the same noise.
+
+    python -m unlearn_jax.toy.evaluate --model assets/toy_world --n 16 --out runs/toy_eval.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unlearn_jax.sampling import sample
+from unlearn_jax.schedulers import SchedulerConfig, make_schedule
+from unlearn_jax.toy.detector import detect
+from unlearn_jax.toy.world import ATTRIBUTES, SPLITS, VALUES, World, WorldConfig, caption, from_model_space
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    n: int = 16                  # prompts (= videos) per concept and split
+    num_steps: int = 25          # DDIM steps
+    guidance_scale: float = 6.0  # CogVideoX's default
+    seed: int = 0
+    batch_size: int = 32         # videos generated at once
+    splits: tuple[str, ...] = SPLITS
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def concepts() -> list[tuple[str, str]]:
+    return [(a, v) for a in ATTRIBUTES for v in VALUES[a]]
+
+
+def concept_name(attribute: str, value: str) -> str:
+    return f"{attribute}:{value}"
+
+
+def eval_prompts(cfg: EvalConfig, concept_list: Sequence[tuple[str, str]] | None = None) -> list[dict]:
+    """The evaluation items: {"concept", "split", "prompt", "attributes", "index"}, in a fixed order."""
+    items = []
+    world = World()
+    for ci, (attr, value) in enumerate(concept_list or concepts()):
+        for split in cfg.splits:
+            rng = np.random.default_rng([cfg.seed, ci, SPLITS.index(split)])
+            for i in range(cfg.n):
+                attrs = world.sample_attributes(rng)
+                attrs[attr] = value
+                text = caption(attrs, rng, {attr: split})
+                items.append({"concept": concept_name(attr, value), "attribute": attr, "value": value,
+                              "split": split, "prompt": text, "attributes": attrs, "index": i})
+    return items
+
+
+def load_pipeline(folder):
+    """(transformer, scheduler config, world config, encode) of a toy pipeline folder."""
+    from unlearn_jax.loading import load_transformer
+    from unlearn_jax.text_encoding import encode_prompts
+
+    folder = Path(folder)
+    info = json.loads((folder / "toy_world.json").read_text())
+    world_cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["world"]["config"].items()})
+    sched = SchedulerConfig.from_diffusers(folder / "scheduler")
+    model = load_transformer(folder, dtype="float32")
+    return model, sched, world_cfg, lambda prompts: encode_prompts(folder, prompts)
+
+
+def make_generator(model, sched: SchedulerConfig, cfg: EvalConfig) -> Callable:
+    """A jitted `gen(noise, ctx, uncond) -> videos in [0, 1]`, for a CogVideoX module or a
+    `velocity_fn(x, t, ctx)`."""
+    schedule = make_schedule(sched, cfg.num_steps)
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def run(state, noise, ctx, uncond):
+            m = nnx.merge(graphdef, state)
+            out = sample(lambda x, t, c: m.forward(x, c, t)[0], schedule, noise, ctx, uncond,
+                         num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale)
+            return out.latents
+
+        return lambda noise, ctx, uncond: run(state, noise, ctx, uncond)
+
+    @jax.jit
+    def run_fn(noise, ctx, uncond):
+        return sample(model, schedule, noise, ctx, uncond, num_steps=cfg.num_steps,
+                      guidance_scale=cfg.guidance_scale).latents
+
+    return run_fn
+
+
+def generate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Callable, prompts: Sequence[str],
+             cfg: EvalConfig, noise_seed: int | None = None) -> np.ndarray:
+    """(N, frames, 3, size, size) videos in [0, 1], one per prompt; noise i = normal(fold_in(seed, i))."""
+    gen = make_generator(model, sched, cfg)
+    ctx_all = encode(list(prompts))
+    uncond = encode([""])
+    key = jax.random.key(cfg.seed if noise_seed is None else noise_seed)
+    shape = (world_cfg.frames, 3, world_cfg.size, world_cfg.size)
+    out = []
+    bs = cfg.batch_size
+    for start in range(0, len(prompts), bs):
+        idx = np.arange(start, min(start + bs, len(prompts)))
+        n = len(idx)
+        pad = np.concatenate([idx, np.repeat(idx[:1], bs - n)]) if n < bs else idx
+        noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32) for i in pad])
+        latents = gen(noise, jnp.asarray(ctx_all[pad]), jnp.asarray(uncond))
+        out.append(from_model_space(np.asarray(latents))[:n])
+    return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
+
+
+def summarize(items: Sequence[dict], detections: Sequence[dict], splits: Sequence[str]) -> dict:
+    rates, joint = {}, {}
+    for attr, value in concepts():
+        name = concept_name(attr, value)
+        for split in splits:
+            sel = [(it, d) for it, d in zip(items, detections) if it["concept"] == name and it["split"] == split]
+            if not sel:
+                continue
+            rates.setdefault(name, {})[split] = sum(d[attr] == value for _, d in sel) / len(sel)
+            joint.setdefault(name, {})[split] = sum(all(d[a] == it["attributes"][a] for a in ATTRIBUTES)
+                                                    for it, d in sel) / len(sel)
+    mean = {s: float(np.mean([r[s] for r in rates.values() if s in r])) for s in splits}
+    return {"rates": rates, "all_attributes": joint, "mean_rate": mean}
+
+
+def evaluate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Callable, cfg: EvalConfig = EvalConfig(),
+             concept_list=None, keep_videos: bool = False) -> dict:
+    """Generation rate of every concept (per split), plus every prompt's detections.
+
+    model: a CogVideoX module or a `velocity_fn(x, t, ctx)` (e.g. a model with erasers attached).
+    keep_videos: also return the videos, (N, frames, 3, size, size) in [0, 1], under "videos".
+    """
+    items = eval_prompts(cfg, concept_list)
+    t0 = time.perf_counter()
+    videos = generate(model, sched, world_cfg, encode, [it["prompt"] for it in items], cfg)
+    seconds = time.perf_counter() - t0
+    detections = [detect(v) for v in videos]
+    report = summarize(items, detections, cfg.splits)
+    report["settings"] = {**cfg.to_dict(), "videos": len(items), "generation_seconds": round(seconds, 1)}
+    report["items"] = [{**it, "detected": d} for it, d in zip(items, detections)]
+    if keep_videos:
+        report["videos"] = videos
+    return report
+
+
+def format_table(report: dict) -> str:
+    splits = list(report["settings"]["splits"])
+    head = f"{'concept':<16}" + "".join(f"{s + ' rate':>14}" for s in splits) + "".join(f"{s + ' all':>13}" for s in splits)
+    lines = [head, "-" * len(head)]
+    for name, r in report["rates"].items():
+        j = report["all_attributes"][name]
+        lines.append(f"{name:<16}" + "".join(f"{r.get(s, float('nan')):>14.2f}" for s in splits)
+                     + "".join(f"{j.get(s, float('nan')):>13.2f}" for s in splits))
+    lines.append(f"{'mean':<16}" + "".join(f"{report['mean_rate'][s]:>14.2f}" for s in splits))
+    return "\n".join(lines)
+
+
+def write_png(path, image: np.ndarray):
+    """Writes an (H, W, 3) float [0, 1] image as an 8-bit PNG (no imaging library needed)."""
+    img = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+    h, w, _ = img.shape
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    Path(path).write_bytes(png)
+
+
+def video_grid(videos: np.ndarray, scale: int = 4, pad: int = 1) -> np.ndarray:
+    """One row per video, frames left to right, (H, W, 3)."""
+    n, f, _, s, _ = videos.shape
+    cell = s + pad
+    grid = np.ones((n * cell, f * cell, 3), np.float32)
+    for i in range(n):
+        for j in range(f):
+            grid[i * cell:i * cell + s, j * cell:j * cell + s] = videos[i, j].transpose(1, 2, 0)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Generation rate of every toy-world concept for a model.")
+    p.add_argument("--model", default="assets/toy_world", help="toy pipeline folder")
+    p.add_argument("--n", type=int, default=EvalConfig.n)
+    p.add_argument("--steps", type=int, default=EvalConfig.num_steps)
+    p.add_argument("--guidance", type=float, default=EvalConfig.guidance_scale)
+    p.add_argument("--seed", type=int, default=EvalConfig.seed)
+    p.add_argument("--batch-size", type=int, default=EvalConfig.batch_size)
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--png", default=None, help="write the first video of every concept/split as a PNG grid")
+    a = p.parse_args(argv)
+    cfg = EvalConfig(n=a.n, num_steps=a.steps, guidance_scale=a.guidance, seed=a.seed, batch_size=a.batch_size)
+    model, sched, world_cfg, encode = load_pipeline(a.model)
+    report = evaluate(model, sched, world_cfg, encode, cfg, keep_videos=True)
+    videos = report.pop("videos")
+    report["model"] = str(a.model)
+    print(format_table(report))
+    print(f"{len(videos)} videos generated in {report['settings']['generation_seconds']} s")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=1) + "\n")
+    if a.png:
+        first = [i for i, it in enumerate(report["items"]) if it["index"] < 2]
+        write_png(a.png, video_grid(videos[first]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["EvalConfig", "concepts", "eval_prompts", "evaluate", "format_table", "generate", "load_pipeline",
+           "main", "make_generator", "summarize", "video_grid", "write_png"]
