@@ -328,9 +328,33 @@ class Run:
             phi = _gather(self.state.phi)  # collective: every process takes part
             if self.is_main:
                 summary["exports"] = self.export(phi)
+                if cfg.evaluate.toy_world:
+                    summary.update(self.evaluate_toy_world(phi))
         return summary
 
     # ---- outputs -------------------------------------------------------------------------------
+    def evaluate_toy_world(self, phi) -> dict:
+        """The before/after table of a toy-world run (config.evaluate): eval.json and eval.md."""
+        from unlearn_jax.toy import evaluate as toy_eval
+
+        e = self.cfg.evaluate
+        if not (self.pipeline / "toy_world.json").is_file():
+            raise UnlearnError(f"config.evaluate.toy_world: {self.pipeline} is not a toy-world pipeline "
+                               "(no toy_world.json); evaluate real models with `unlearn-jax eval`")
+        known = {toy_eval.concept_name(a, v) for a, v in toy_eval.concepts()}
+        bad = [c for c in e.erased_concepts if c not in known]
+        if bad:
+            raise UnlearnError(f"config.evaluate.erased_concepts: unknown toy concepts {bad} (known: {sorted(known)})")
+        cfg = toy_eval.EvalConfig(n=e.n, num_steps=e.num_steps, guidance_scale=e.guidance_scale, seed=e.seed)
+        out = toy_eval.evaluate_erasure(self.pipeline, (self.eraser, phi), cfg, list(e.erased_concepts))
+        table = toy_eval.format_comparison(out["comparison"])
+        with atomic_file(self.workdir / "eval.json", "w") as f:
+            json.dump(out, f, indent=1)
+            f.write("\n")
+        with atomic_file(self.workdir / "eval.md", "w") as f:
+            f.write(f"```\n{table}\n```\n")
+        return {"evaluation": str(self.workdir / "eval.json"), "table": table}
+
     def plot(self, history: list[dict]):
         from unlearn_jax.plots import plot_losses, plot_masks
 
@@ -447,7 +471,10 @@ def _main(args) -> int:
 
     cfg = load_config(args.config, getattr(args, "config_overrides", []))
     summary = run_erase(cfg, progress=not args.no_progress)
+    table = summary.pop("table", None)
     print(json.dumps(summary, indent=2))
+    if table:
+        print(table)
     if summary["status"] == "interrupted":
         print(f"stopped at step {summary['step']} (SIGTERM); the checkpoint is saved: rerun the same command to resume",
               file=sys.stderr)

@@ -84,6 +84,17 @@ def default_config() -> ConfigDict:
     c.distributed.process_id = config_dict.placeholder(int)
     c.distributed.cpu_collectives = "gloo"  # CPU-only multi-process runs
 
+    # After a completed run: generate every toy-world concept with the base and the erased model
+    # and write the before/after table (<workdir>/eval.json, eval.md). Toy-world pipelines only
+    # (assets/toy_world); real models are evaluated with `unlearn-jax eval`.
+    c.evaluate = ConfigDict()
+    c.evaluate.toy_world = False
+    c.evaluate.erased_concepts = []  # toy concept names of this run ("colour:red"): judged <= 10%
+    c.evaluate.n = 16  # prompts (videos) per concept and synonym split (train / held-out)
+    c.evaluate.num_steps = 25  # DDIM steps of the evaluation sampler
+    c.evaluate.guidance_scale = 6.0
+    c.evaluate.seed = 0
+
     c.export = ConfigDict()
     c.export.formats = ["erasers"]  # erasers | t2vunlearning | lora | diffusers (at the end of the run)
     return c

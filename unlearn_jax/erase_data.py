@@ -22,6 +22,7 @@ class ConceptSpec:
     eta: float | None = None
     preserve: tuple = ()
     prompts: tuple = ()  # extra user prompts for the pool
+    aliases: tuple = ()  # other phrases of the concept (synonyms) whose tokens are also its tokens
 
 
 @dataclasses.dataclass
@@ -88,6 +89,7 @@ def concept_specs(concepts: Sequence) -> list[ConceptSpec]:
             raise UnlearnError(f"config.concepts[{i}]: unknown keys {sorted(unknown)}")
         c["preserve"] = tuple(c.get("preserve") or ())
         c["prompts"] = tuple(c.get("prompts") or ())
+        c["aliases"] = tuple(c.get("aliases") or ())
         out.append(ConceptSpec(**c))
     if not out:
         raise UnlearnError("config.concepts is empty: name at least one concept to erase")
@@ -154,12 +156,17 @@ def build_erase_data(pipeline_dir: str | Path, specs: list[ConceptSpec], *, defa
         embeds = encode(all_prompts)
     embeds = np.asarray(embeds, np.float32)
     tok = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")
-    phrases = [specs[o].phrase if o >= 0 else "" for o in owner]
     mask = np.zeros((len(prompts), max_length), bool)
     concept_rows = [i for i, o in enumerate(owner) if o >= 0]
-    if concept_rows:
-        mask[concept_rows] = concept_token_mask(tok, [prompts[i] for i in concept_rows],
-                                                [phrases[i] for i in concept_rows], max_length, fallback=token_fallback)
+    for i in concept_rows:
+        spec = specs[owner[i]]
+        # Any alias's tokens count; the fallback (no phrase found at all) applies to the main phrase.
+        row = np.zeros(max_length, bool)
+        for phrase in (spec.phrase, *spec.aliases):
+            row |= concept_token_mask(tok, [prompts[i]], [phrase], max_length, fallback="none")[0]
+        if not row.any():
+            row = concept_token_mask(tok, [prompts[i]], [spec.phrase], max_length, fallback=token_fallback)[0]
+        mask[i] = row
     idx, valid = indices_from_mask(mask, max_concept_tokens)
     etas = np.array([s.eta if s.eta is not None else default_eta for s in specs], np.float32)
     return EraseData([s.phrase for s in specs], etas, embeds[:-1], prompts, idx, valid, rows, pre_rows,

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +29,7 @@ from unlearn_jax.sampling import sample
 from unlearn_jax.schedulers import SchedulerConfig, make_schedule
 from unlearn_jax.toy.detector import detect
 from unlearn_jax.toy.world import ATTRIBUTES, SPLITS, VALUES, World, WorldConfig, caption, from_model_space
+from unlearn_jax.video_io import write_png  # noqa: F401  (re-exported: it used to live here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +40,10 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 32         # videos generated at once
     splits: tuple[str, ...] = SPLITS
+    # Concepts ("colour:red") kept out of the randomly drawn attributes of other concepts' prompts:
+    # an erased concept's prompts are its own test; every other concept is measured on prompts
+    # that do not name it, the way a preserved concept is used after erasure.
+    avoid: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -58,11 +61,16 @@ def eval_prompts(cfg: EvalConfig, concept_list: Sequence[tuple[str, str]] | None
     """The evaluation items: {"concept", "split", "prompt", "attributes", "index"}, in a fixed order."""
     items = []
     world = World()
+    avoid = {tuple(name.split(":", 1)) for name in cfg.avoid}
     for ci, (attr, value) in enumerate(concept_list or concepts()):
         for split in cfg.splits:
             rng = np.random.default_rng([cfg.seed, ci, SPLITS.index(split)])
             for i in range(cfg.n):
                 attrs = world.sample_attributes(rng)
+                for a in ATTRIBUTES:
+                    allowed = [v for v in VALUES[a] if (a, v) not in avoid]
+                    if a != attr and (a, attrs[a]) in avoid and allowed:
+                        attrs[a] = allowed[rng.integers(len(allowed))]
                 attrs[attr] = value
                 text = caption(attrs, rng, {attr: split})
                 items.append({"concept": concept_name(attr, value), "attribute": attr, "value": value,
@@ -174,20 +182,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_png(path, image: np.ndarray):
-    """Writes an (H, W, 3) float [0, 1] image as an 8-bit PNG (no imaging library needed)."""
-    img = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(png)
-
-
 def video_grid(videos: np.ndarray, scale: int = 4, pad: int = 1) -> np.ndarray:
     """One row per video, frames left to right, (H, W, 3)."""
     n, f, _, s, _ = videos.shape
@@ -197,6 +191,55 @@ def video_grid(videos: np.ndarray, scale: int = 4, pad: int = 1) -> np.ndarray:
         for j in range(f):
             grid[i * cell:i * cell + s, j * cell:j * cell + s] = videos[i, j].transpose(1, 2, 0)
     return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def compare(base: dict, erased: dict, erased_concepts: Sequence[str] = ()) -> dict:
+    """Before/after rates of every concept: {concept: {split: {"base", "erased", "change"}}, plus
+    the checks of a successful erasure: every erased concept's rate <= 0.10 in every split, every
+    other concept within 0.10 of the base model's rate."""
+    rows, worst_erased, worst_other = {}, 0.0, 0.0
+    for name, r in base["rates"].items():
+        e = erased["rates"].get(name, {})
+        rows[name] = {s: {"base": r[s], "erased": e[s], "change": e[s] - r[s]} for s in r if s in e}
+        for cell in rows[name].values():
+            if name in erased_concepts:
+                worst_erased = max(worst_erased, cell["erased"])
+            else:
+                worst_other = max(worst_other, abs(cell["change"]))
+    return {"erased_concepts": list(erased_concepts), "rates": rows,
+            "max_erased_rate": worst_erased, "max_other_change": worst_other,
+            "erased_ok": worst_erased <= 0.10 + 1e-9, "others_ok": worst_other <= 0.10 + 1e-9}
+
+
+def format_comparison(cmp: dict) -> str:
+    """The before/after table: one row per concept, base -> erased rate per split."""
+    splits = list(next(iter(cmp["rates"].values())))
+    head = f"{'concept':<16}" + "".join(f"{s + ': base':>14}{'erased':>8}{'change':>8}" for s in splits)
+    lines = [head, "-" * len(head)]
+    for name, row in cmp["rates"].items():
+        mark = " (erased)" if name in cmp["erased_concepts"] else ""
+        lines.append(f"{name:<16}" + "".join(f"{row[s]['base']:>14.2f}{row[s]['erased']:>8.2f}{row[s]['change']:>+8.2f}"
+                                             for s in splits) + mark)
+    lines.append(f"erased concepts: max rate {cmp['max_erased_rate']:.2f} (target <= 0.10: "
+                 f"{'met' if cmp['erased_ok'] else 'NOT met'}); other concepts: max change "
+                 f"{cmp['max_other_change']:.2f} (target <= 0.10: {'met' if cmp['others_ok'] else 'NOT met'})")
+    return "\n".join(lines)
+
+
+def evaluate_erasure(pipeline, erasers, cfg: EvalConfig, erased_concepts: Sequence[str], base_report: dict | None = None,
+                     concept_list: Sequence[tuple[str, str]] | None = None) -> dict:
+    """Evaluates the base model and the model with `erasers` (a folder or (EraserConfig, phi)) on
+    the same prompts and noise, other concepts' prompts avoiding the erased ones.
+    Returns {"base": report, "erased": report, "comparison": compare(...)}."""
+    from unlearn_jax.erasers import attach_erasers
+
+    cfg = dataclasses.replace(cfg, avoid=tuple(erased_concepts))
+    model, sched, world_cfg, encode = load_pipeline(pipeline)
+    if base_report is None:
+        base_report = evaluate(model, sched, world_cfg, encode, cfg, concept_list)
+    erased_report = evaluate(attach_erasers(model, erasers), sched, world_cfg, encode, cfg, concept_list)
+    return {"base": base_report, "erased": erased_report,
+            "comparison": compare(base_report, erased_report, erased_concepts)}
 
 
 def main(argv=None) -> int:
@@ -232,5 +275,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EvalConfig", "concepts", "eval_prompts", "evaluate", "format_table", "generate", "load_pipeline",
+__all__ = ["EvalConfig", "compare", "concepts", "evaluate_erasure", "format_comparison", "eval_prompts", "evaluate", "format_table", "generate", "load_pipeline",
            "main", "make_generator", "summarize", "video_grid", "write_png"]

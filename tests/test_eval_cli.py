@@ -1,0 +1,110 @@
+"""`unlearn-jax eval` end to end: on the toy world and on a tiny pipeline with a VAE (nudity metric)."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from unlearn_jax.cli import main as cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "assets" / "toy_world"
+
+
+def _random_erasers(pipeline: Path, out: Path, seed: int = 0) -> Path:
+    """An adapter eraser folder for `pipeline` whose up-projections are random (so it changes outputs)."""
+    from unlearn_jax import eraser_io
+    from unlearn_jax.erasers import EraserConfig, init_erasers
+    from unlearn_jax.loading import load_transformer
+
+    model = load_transformer(pipeline, dtype="float32")
+    cfg = EraserConfig("adapter", rank=4)
+    phi = init_erasers(cfg, model, jax.random.key(seed))
+    phi = jax.tree.map(lambda a: np.asarray(a) + 0.3 * np.random.default_rng(seed).standard_normal(a.shape), phi)
+    return eraser_io.save_erasers(out, cfg, jax.tree.map(lambda a: np.asarray(a, np.float32), phi), model.config)
+
+
+def test_toy_world_eval_writes_table_json_and_sheet(tmp_path, capsys):
+    erasers = _random_erasers(TOY, tmp_path / "erasers")
+    out = tmp_path / "eval"
+    rc = cli_main(["eval", "--model", str(TOY), "--erasers", str(erasers), "--out-dir", str(out), "--n", "1",
+                   "--steps", "4", "--erased-concepts", "colour:red", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "colour:red" in printed and "(erased)" in printed and "max change" in printed
+    res = json.loads((out / "toy_eval.json").read_text())
+    assert set(res) >= {"original", "erased", "comparison"}
+    cmp = res["comparison"]
+    assert len(cmp["rates"]) == 11 and cmp["erased_concepts"] == ["colour:red"]
+    assert len(res["original"]["items"]) == len(res["erased"]["items"]) == 11 * 2
+    # same prompts for both models; other concepts' prompts avoid red
+    assert [i["prompt"] for i in res["original"]["items"]] == [i["prompt"] for i in res["erased"]["items"]]
+    assert all(i["attributes"]["colour"] != "red" for i in res["original"]["items"] if i["concept"] != "colour:red")
+    for name, row in cmp["rates"].items():
+        for cell in row.values():
+            assert cell["change"] == pytest.approx(cell["erased"] - cell["base"])
+    assert (out / "toy_eval.md").read_text().startswith("```")
+    assert (out / "toy_sheet.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--erased-concepts", "colour:purple"], "unknown toy concepts"),
+    (["--erased-concepts", "colour:red"], "needs --erasers"),
+    (["--n", "0"], "--n must be >= 1"),
+])
+def test_toy_world_eval_errors(tmp_path, capsys, args, match):
+    rc = cli_main(["eval", "--model", str(TOY), "--out-dir", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.count("\n") == 1
+
+
+def test_eval_needs_prompts_for_a_real_pipeline(tmp_path, capsys):
+    (tmp_path / "pipe").mkdir()
+    rc = cli_main(["eval", "--model", str(tmp_path / "pipe"), "--out-dir", str(tmp_path / "o")])
+    assert rc == 2 and "--prompts" in capsys.readouterr().err
+
+
+def test_prompt_set_eval_on_a_tiny_pipeline(tmp_path, capsys):
+    pytest.importorskip("nudenet")
+    from test_sample import FRAMES, _build
+
+    pipe = _build(tmp_path / "pipe", rope=False)[0]
+    erasers = _random_erasers(pipe, tmp_path / "erasers")
+    prompts = tmp_path / "set.csv"
+    with open(prompts, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "seed"])
+        w.writerows([["a red dog in the garden", 3], ["a small boat at night", 5]])
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(pipe), "--erasers", str(erasers), "--out-dir", str(out), "--prompts", str(prompts),
+            "--metrics", "nudity,face", "--steps", "2", "--dtype", "float32", "--save-videos", "--no-progress"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "face metric skipped" in printed  # no ArcFace model given: skipped with a message
+    for name in ("per_frame.csv", "summary.json", "comparison.md", "contact_sheet.png", "eval_settings.json"):
+        assert (out / name).is_file(), name
+    with open(out / "per_frame.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * FRAMES  # models x videos x frames
+    assert {r["model"] for r in rows} == {"original", "erased"}
+    summary = json.loads((out / "summary.json").read_text())
+    text = json.dumps(summary)
+    assert "nudity" in text and "original" in text and "erased" in text
+    for model in ("original", "erased"):
+        assert len(list((out / "videos" / model / "set").glob("*.mp4"))) == 2
+    # the two models made different videos from the same seeds (the erasers act)
+    from unlearn_jax.video_io import read_mp4
+
+    a = read_mp4(sorted((out / "videos" / "original" / "set").glob("*.mp4"))[0])
+    b = read_mp4(sorted((out / "videos" / "erased" / "set").glob("*.mp4"))[0])
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    # a rerun resumes from the stored records; other settings are refused without --overwrite
+    assert cli_main(args) == 0
+    assert "already measured" in capsys.readouterr().out
+    rc = cli_main([*args[:-6], "--steps", "3", "--dtype", "float32", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "other settings" in err and err.count("\n") == 1

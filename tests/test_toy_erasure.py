@@ -1,0 +1,63 @@
+"""Erasure that can be seen: a short run on the bundled toy-world model removes red and keeps green.
+
+The full-size run (configs/toy_world/erase_red.py, 150 steps, every concept evaluated) and its
+ablations are in the README; this is the same config cut short, judged on two concepts.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from unlearn_jax.config import load_config
+from unlearn_jax.toy import evaluate as E
+from unlearn_jax.toy.erasure import concept_entry
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_concept_entry_uses_train_synonyms_only():
+    e = concept_entry("colour", "red")
+    assert e["phrase"] == "red" and set(e["aliases"]) == {"crimson", "scarlet"}
+    text = " ".join(e["prompts"] + e["preserve"]).split()
+    assert "ruby" not in text  # the held-out synonym
+    assert all(any(w in p.split() for w in ("red", "crimson", "scarlet")) for p in e["prompts"])
+    assert not any(w in p.split() for p in e["preserve"] for w in ("red", "crimson", "scarlet"))
+    assert concept_entry("colour", "red", augment=False)["prompts"] == []
+    assert concept_entry("motion", "up")["aliases"] == ["up", "rising", "upward"]
+    with pytest.raises(ValueError, match="not a toy-world concept"):
+        concept_entry("colour", "purple")
+
+
+def test_eval_prompts_avoid_erased_concepts():
+    cfg = E.EvalConfig(n=8, avoid=("colour:red",))
+    items = E.eval_prompts(cfg)
+    for it in items:
+        if it["concept"] != "colour:red":
+            assert it["attributes"]["colour"] != "red"
+    assert sum(it["concept"] == "colour:red" for it in items) == 2 * cfg.n
+
+
+def test_short_erasure_removes_red_and_keeps_green(tmp_path):
+    from unlearn_jax.erase import run_erase
+
+    c = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
+    c.workdir = str(tmp_path / "run")
+    c.train.num_steps = 50
+    c.train.checkpoint_every = 1000
+    c.export.formats = ["erasers"]
+    c.evaluate.toy_world = False
+    summary = run_erase(c, progress=False)
+    assert summary["status"] == "completed"
+
+    cfg = E.EvalConfig(n=8)
+    out = E.evaluate_erasure(c.model.path, tmp_path / "run" / "export" / "erasers", cfg, ["colour:red"],
+                             concept_list=[("colour", "red"), ("colour", "green")])
+    cmp = out["comparison"]
+    print(E.format_comparison(cmp))
+    red, green = cmp["rates"]["colour:red"], cmp["rates"]["colour:green"]
+    for split in ("train", "heldout"):
+        assert red[split]["base"] >= 0.75
+        assert red[split]["erased"] <= red[split]["base"] - 0.5, (split, red)
+        assert green[split]["erased"] >= green[split]["base"] - 0.25, (split, green)

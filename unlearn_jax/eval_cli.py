@@ -1,0 +1,212 @@
+"""`unlearn-jax eval`: the original and the erased model on the same prompts and seeds, measured.
+
+Published prompt sets (a real CogVideoX pipeline):
+    unlearn-jax eval --model PIPELINE_DIR --erasers ERASERS_DIR --out-dir DIR \
+        --prompts ../shared/data/eval_prompts/nudity_cogvideox.csv [--prompts ...] --metrics nudity
+writes DIR/per_frame.csv, summary.json, comparison.md (printed) and contact_sheet.png
+(unlearn_jax.eval.protocol); `--save-videos` also keeps every video as DIR/videos/<model>/<set>/<name>.mp4.
+
+The toy world (a pipeline folder with toy_world.json, e.g. assets/toy_world), no --prompts:
+    unlearn-jax eval --model assets/toy_world --erasers ERASERS_DIR --out-dir DIR [--erased-concepts colour:red]
+writes DIR/toy_eval.json (both models' rates and every prompt's detections), toy_eval.md (the
+before/after table, printed) and toy_sheet.png (first videos of every concept, base above erased).
+Without --erasers, only the original model is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from unlearn_jax.errors import UnlearnError
+
+
+def register(sub):
+    p = sub.add_parser("eval", help="measure the original and the erased model on prompt sets (or the toy world)",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a diffusers CogVideoX pipeline folder (or the toy world's)")
+    p.add_argument("--erasers", default=None, help="trained erasers; without it only the original model is measured")
+    p.add_argument("--out-dir", required=True, help="results go here (reruns resume)")
+    g = p.add_argument_group("prompt sets (real models)")
+    g.add_argument("--prompts", action="append", default=[], help="a prompt CSV (repeatable; name = file stem)")
+    g.add_argument("--prompt-column", default="prompt", help="the CSV column used as the prompt")
+    g.add_argument("--limit", type=int, default=None, help="only the first N prompts of each set")
+    g.add_argument("--metrics", default="nudity", help="comma-separated: nudity, face, object (default nudity)")
+    g.add_argument("--save-videos", action="store_true", help="also write every video as an MP4")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over when --out-dir holds results made with other settings (default: refuse)")
+    g.add_argument("--seed", type=int, default=42, help="seed of prompt i in sets without a seed column: seed + i")
+    m = p.add_argument_group("metric models")
+    m.add_argument("--nudenet-model", default=None, help="an ONNX NudeNet detector (default: nudenet's bundled 320n)")
+    m.add_argument("--nudity-min-score", type=float, default=None, help="extra score cut above nudenet's own")
+    m.add_argument("--arcface", default=None, help="face metric: an ArcFace ONNX model")
+    m.add_argument("--face-refs", default=None, help="face metric: reference images, REFS/<identity>/*.png")
+    m.add_argument("--face-identity", default=None, help="face metric: score every video against this identity")
+    m.add_argument("--classifier", default=None, help="object metric: an ImageNet classifier ONNX model")
+    m.add_argument("--classifier-index-offset", type=int, default=0, help="object metric: class index offset")
+    m.add_argument("--erased", default=None, help="face/object metrics: the erased identity or class")
+    s = p.add_argument_group("generation")
+    s.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the toy world 25)")
+    s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
+    s.add_argument("--sampler", default=None, choices=["ddim", "dpm"], help="default: ddim for 2B, dpm for RoPE models")
+    s.add_argument("--dynamic-cfg", default=None, action=argparse.BooleanOptionalAction,
+                   help="the pipeline's cosine guidance ramp (default: on with dpm)")
+    s.add_argument("--num-frames", type=int, default=None)
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    s.add_argument("--noise", default="jax", choices=["jax", "torch"], help="see `unlearn-jax sample --help`")
+    s.add_argument("--negative-prompt", default="")
+    s.add_argument("--batch-size", type=int, default=1, help="videos generated together")
+    t = p.add_argument_group("toy world")
+    t.add_argument("--n", type=int, default=16, help="prompts per concept and synonym split (default 16)")
+    t.add_argument("--erased-concepts", nargs="*", default=[],
+                   help="toy concepts the erasers remove (colour:red ...): judged <= 10%%, kept out of other prompts")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(a) -> int:
+    model = Path(a.model)
+    if not model.is_dir():
+        raise UnlearnError(f"--model {model}: no such pipeline folder")
+    if a.erasers is not None and not Path(a.erasers).is_dir():
+        raise UnlearnError(f"--erasers {a.erasers}: no such folder")
+    for name, v in (("--n", a.n), ("--batch-size", a.batch_size), ("--steps", a.steps), ("--limit", a.limit)):
+        if v is not None and v < 1:
+            raise UnlearnError(f"{name} must be >= 1, got {v}")
+    if not a.prompts:
+        if not (model / "toy_world.json").is_file():
+            raise UnlearnError(f"{model} is not a toy-world pipeline: name the prompt sets to evaluate with --prompts "
+                               "(e.g. ../shared/data/eval_prompts/nudity_cogvideox.csv)")
+        return _toy(a, model)
+    if a.erased_concepts:
+        raise UnlearnError("--erased-concepts is for the toy world (no --prompts)")
+    return _prompt_sets(a, model)
+
+
+def _toy(a, model: Path) -> int:
+    import numpy as np
+
+    from unlearn_jax.atomic import atomic_file
+    from unlearn_jax.toy import evaluate as E
+    from unlearn_jax.video_io import write_png
+
+    known = {E.concept_name(x, v) for x, v in E.concepts()}
+    bad = [c for c in a.erased_concepts if c not in known]
+    if bad:
+        raise UnlearnError(f"--erased-concepts: unknown toy concepts {bad}; known: {', '.join(sorted(known))}")
+    if a.erased_concepts and a.erasers is None:
+        raise UnlearnError("--erased-concepts needs --erasers")
+    cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps, guidance_scale=a.guidance,
+                       avoid=tuple(a.erased_concepts))
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net, sched, world_cfg, encode = E.load_pipeline(model)
+    base = E.evaluate(net, sched, world_cfg, encode, cfg, keep_videos=True)
+    videos = {"original": base.pop("videos")}
+    result = {"model": str(model), "erasers": a.erasers, "original": base}
+    if a.erasers is None:
+        table = E.format_table(base)
+    else:
+        from unlearn_jax.erasers import attach_erasers
+
+        erased = E.evaluate(attach_erasers(net, a.erasers), sched, world_cfg, encode, cfg, keep_videos=True)
+        videos["erased"] = erased.pop("videos")
+        result["erased"] = erased
+        result["comparison"] = E.compare(base, erased, a.erased_concepts)
+        table = E.format_comparison(result["comparison"])
+    with atomic_file(out / "toy_eval.json", "w") as f:
+        json.dump(result, f, indent=1)
+        f.write("\n")
+    with atomic_file(out / "toy_eval.md", "w") as f:
+        f.write(f"```\n{table}\n```\n")
+    first = [i for i, it in enumerate(base["items"]) if it["index"] == 0 and it["split"] == "train"]
+    rows = np.concatenate([videos[k][first][:, None] for k in videos], axis=1).reshape(-1, *videos["original"].shape[1:])
+    write_png(out / "toy_sheet.png", E.video_grid(rows))
+    print(table)
+    print(f"wrote {out / 'toy_eval.json'}, {out / 'toy_eval.md'}, {out / 'toy_sheet.png'}")
+    return 0
+
+
+def _prompt_sets(a, model: Path) -> int:
+    from unlearn_jax.eval.metrics import build_metrics
+    from unlearn_jax.eval.protocol import evaluate_prompt_sets, load_prompt_set, prompt_set_name
+    from unlearn_jax.generate import SamplingPlan, VideoGenerator
+
+    sets = {}
+    for path in a.prompts:
+        name = prompt_set_name(path)
+        if name in sets:
+            raise UnlearnError(f"--prompts: two prompt sets are named {name!r}")
+        sets[name] = load_prompt_set(path, limit=a.limit, prompt_column=a.prompt_column, default_seed=a.seed)
+    metrics = build_metrics(a.metrics, nudenet_model=a.nudenet_model, nudity_min_score=a.nudity_min_score,
+                            arcface=a.arcface, face_refs=a.face_refs, face_identity=a.face_identity,
+                            classifier=a.classifier, classifier_index_offset=a.classifier_index_offset,
+                            erased=a.erased)
+    if not metrics:
+        raise UnlearnError(f"--metrics {a.metrics}: no metric can run (see the messages above)")
+    plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps or 50,
+                                guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
+                                height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size)
+    erased = VideoGenerator.from_plan(plan, progress=not a.no_progress)
+    gens = {}
+    if a.erasers is not None:
+        # The original model is the erased one's base: the weights are shared, not loaded twice.
+        gens["original"] = VideoGenerator(
+            erased.model.base, erased.scheduler, erased.shape, pipeline_dir=model, vae=erased.vae,
+            sampler=erased.sampler, num_steps=erased.num_steps, guidance_scale=erased.guidance_scale,
+            use_dynamic_cfg=erased.use_dynamic_cfg, dtype=erased.dtype, noise=erased.noise,
+            vae_tiling=erased.vae_tiling, batch_size=erased.batch_size, progress=not a.no_progress)
+        gens["erased"] = erased
+    else:
+        gens["original"] = erased
+
+    def fn(gen):
+        return lambda prompts, seeds: gen.generate(prompts, seeds, a.negative_prompt)
+
+    on_videos = None
+    if a.save_videos:
+        from unlearn_jax.video_io import write_mp4
+
+        def on_videos(model_name, set_name, items, videos):
+            for it, v in zip(items, videos):
+                write_mp4(Path(a.out_dir) / "videos" / model_name / set_name / f"{it.get('name', it['index'])}.mp4", v)
+
+    settings = {"model": str(model), "erasers": a.erasers, "generation": plan.settings(),
+                "negative_prompt": a.negative_prompt}
+    _claim_out_dir(Path(a.out_dir), settings, a.overwrite)
+    evaluate_prompt_sets({k: fn(g) for k, g in gens.items()}, sets, metrics, a.out_dir, batch_size=a.batch_size,
+                         settings=settings, on_videos=on_videos)
+    print(f"wrote {Path(a.out_dir) / 'summary.json'}, per_frame.csv, comparison.md, contact_sheet.png")
+    return 0
+
+
+SETTINGS_FILE = "eval_settings.json"
+
+
+def _claim_out_dir(out: Path, settings: dict, overwrite: bool):
+    """Records the generation settings in out/eval_settings.json. Stored per-video results are
+    reused on a rerun only when they were made with the same settings (the protocol itself checks
+    prompts, seeds and metric settings)."""
+    import shutil
+
+    from unlearn_jax.atomic import atomic_file
+
+    path = out / SETTINGS_FILE
+    wanted = json.loads(json.dumps(settings))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != wanted:
+            if not overwrite:
+                changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
+                raise UnlearnError(f"--out-dir {out} holds results made with other settings ({', '.join(changed)}); "
+                                   "use another --out-dir, or --overwrite to start over")
+            shutil.rmtree(out / "records", ignore_errors=True)
+            shutil.rmtree(out / "videos", ignore_errors=True)
+    with atomic_file(path, "w") as f:
+        json.dump(wanted, f, indent=1)
+        f.write("\n")
+
+
+__all__ = ["register"]

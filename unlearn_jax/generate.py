@@ -1,0 +1,645 @@
+"""Text-to-video generation in JAX from a diffusers CogVideoX pipeline folder (`unlearn-jax sample`).
+
+    gen = VideoGenerator.from_pipeline("/models/CogVideoX-2b", erasers="runs/nudity/export/erasers")
+    videos = gen.generate(["a cat on a sofa"], seeds=[42])   # (1, 49, 480, 720, 3) float32 in [0, 1]
+
+It computes what `CogVideoXPipeline.__call__` computes, with the project's parts: the T5 prompt
+embeddings (`text_encoding.encode_prompts`, the pipeline's `encode_prompt`), the guided sampler
+(`sampling.sample`, the pipeline's denoising loop: one batched [uncond; cond] call per step, the
+dynamic-CFG ramp), the JAX transformer (with trained erasers when asked) and the JAX VAE;
+frames are post-processed as the pipeline's `output_type="np"`:
+latents -> 1/scaling_factor -> VAE decode -> (x/2 + 0.5).clip(0, 1) -> (F, H, W, 3).
+A pipeline folder without `vae/` (the bundled toy world) samples pixels directly: its
+"latents" are frames in [-1, 1], returned as clip((x + 1) / 2, 0, 1).
+
+Defaults follow the pipeline and the models' own examples:
+- video size: the pipeline's, from the transformer config (`sample_frames`, `sample_height` and
+  `sample_width` times the VAE's spatial factor): 49 frames of 480x720 for CogVideoX-2B/5B.
+  For CogVideoX1.5 pass the size its model card recommends (e.g. 81 frames, 768x1360).
+- sampler: CogVideoXDDIMScheduler for models without rotary embeddings (2B) and
+  CogVideoXDPMScheduler for RoPE models (5B, 1.5), as CogVideo's demo and the diffusers docs
+  recommend; either takes its betas, spacing and SNR shift from the folder's `scheduler/`.
+- dynamic CFG: on with DPM, off with DDIM (as those examples run them).
+- VAE tiling: as `pipe.vae.enable_tiling()` (the CogVideo demo's setting): frames larger than
+  the VAE's tile (half its sample size) are decoded in overlapping tiles, which bounds memory;
+  `vae_tiling=False` decodes whole frames, as a plain pipeline call does.
+
+Noise, one seed per video:
+- `noise="jax"`: the initial latents are `jax.random.normal(jax.random.key(seed), (1, F, C, h, w))`
+  (float32; seeds >= 2**32 use both 32-bit words of the seed, as `jax.random.key` does with
+  64-bit mode on); DPM's per-step noise is `normal(fold_in(key(seed), i + 1))` for step i.
+- `noise="torch"` (needs PyTorch): exactly what diffusers draws for
+  `generator=torch.Generator("cpu").manual_seed(seed)` in a pipeline call for that one video in
+  the same dtype: the initial latents `randn_tensor((1, F, C, h, w))` of `prepare_latents`
+  (times the schedulers' init_noise_sigma, 1.0), then DPM's per-step draws in the order its
+  `step` makes them. Seeds therefore reproduce a diffusers run's noise bit for bit.
+Either way a video depends on its own prompt and seed only, never on the batch it ran in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from unlearn_jax.errors import UnlearnError
+from unlearn_jax.prompt_sets import MAX_SEED, check_seed  # noqa: F401  (re-exported: they used to live here)
+from unlearn_jax.sampling import sample, uses_cfg
+from unlearn_jax.schedulers import SchedulerConfig, make_schedule
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "dpm")
+NOISE_SOURCES = ("jax", "torch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (one-line errors)
+# --------------------------------------------------------------------------------------------
+def _int(name: str, value, lo: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
+        raise UnlearnError(f"{name} = {value!r} is invalid; expected an integer >= {lo}")
+    return int(value)
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
+        raise UnlearnError(f"{name} = {value!r} is invalid; expected a finite number")
+    return float(value)
+
+
+def _check_noise(noise: str):
+    if noise not in NOISE_SOURCES:
+        raise UnlearnError(f"noise = {noise!r} is invalid; expected one of {', '.join(NOISE_SOURCES)}")
+    if noise == "torch" and importlib.util.find_spec("torch") is None:
+        raise UnlearnError("noise='torch' reproduces torch.Generator draws and needs PyTorch "
+                           "(pip install -e '.[torch]'); use noise='jax' otherwise")
+
+
+def _dtype_name(dtype) -> str:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    if not isinstance(dtype, str):
+        try:
+            dtype = jnp.dtype(dtype).name
+        except TypeError:
+            raise UnlearnError(f"dtype = {dtype!r} is invalid; expected one of {', '.join(DTYPES)}") from None
+    dtype = aliases.get(dtype, dtype)
+    if dtype not in DTYPES:
+        raise UnlearnError(f"dtype = {dtype!r} is invalid; expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# The pipeline folder
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PipelineFolder:
+    """The parts of a diffusers CogVideoX pipeline folder that sampling reads."""
+
+    root: Path
+    transformer: Path
+    scheduler_config: Path
+    vae: Path | None          # None: the transformer works on pixels (no VAE)
+
+    @classmethod
+    def open(cls, path) -> "PipelineFolder":
+        root = Path(path)
+        hint = "point to a diffusers CogVideoX pipeline folder (transformer/, scheduler/, tokenizer/, text_encoder/, vae/)"
+        if not root.exists():
+            raise UnlearnError(f"{root}: no such folder; {hint}")
+        if not root.is_dir():
+            raise UnlearnError(f"{root}: not a folder; {hint}")
+        missing = [p for p in ("transformer", "tokenizer", "text_encoder") if not (root / p).is_dir()]
+        if missing:
+            raise UnlearnError(f"{root}: no {'/, '.join(missing)}/ folder; {hint}")
+        sched = root / "scheduler" / "scheduler_config.json"
+        if not sched.is_file():
+            raise UnlearnError(f"{root}: no scheduler/scheduler_config.json; {hint}")
+        named_vae = None
+        if (root / "model_index.json").is_file():
+            from unlearn_jax.jsonfiles import read_json_object
+
+            entry = read_json_object(root / "model_index.json").get("vae")
+            named_vae = isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+        vae = root / "vae"
+        if not vae.is_dir():
+            if named_vae:
+                raise UnlearnError(f"{root}: model_index.json names a VAE but there is no vae/ folder")
+            vae = None
+        elif not (vae / "config.json").is_file():
+            raise UnlearnError(f"{vae}: no config.json (a diffusers AutoencoderKLCogVideoX folder)")
+        return cls(root, root / "transformer", sched, vae)
+
+    def transformer_config(self):
+        from unlearn_jax.loading import ORBAX_MARKER
+        from unlearn_jax.models.cogvideox import CogVideoXConfig
+
+        if (self.transformer / "config.json").is_file():
+            return CogVideoXConfig.from_json(self.transformer / "config.json")
+        if (self.transformer / ORBAX_MARKER).is_file():
+            from unlearn_jax.jsonfiles import read_json_object
+
+            meta = read_json_object(self.transformer / ORBAX_MARKER)
+            return CogVideoXConfig.from_dict(meta.get("config", {}), str(self.transformer / ORBAX_MARKER))
+        raise UnlearnError(f"{self.transformer}: no config.json (a diffusers CogVideoXTransformer3DModel folder)")
+
+    def vae_config(self):
+        if self.vae is None:
+            return None
+        from unlearn_jax.models.cogvideox_vae import VAEConfig
+
+        return VAEConfig.from_json(self.vae / "config.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class VideoShape:
+    """Pixel size of the videos and the latent grid the sampler runs on."""
+
+    num_frames: int
+    height: int
+    width: int
+    latent_frames: int      # including `pad_frames` (CogVideoX1.5 pads to its temporal patch)
+    channels: int
+    latent_height: int
+    latent_width: int
+    pad_frames: int = 0
+
+    @property
+    def noise_shape(self) -> tuple[int, int, int, int, int]:
+        """(1, F, C, h, w): the shape the pipeline's `prepare_latents` draws for one video."""
+        return (1, self.latent_frames, self.channels, self.latent_height, self.latent_width)
+
+
+def decoded_frames(latent_frames: int, temporal_levels: int) -> int:
+    """How many frames the CogVideoX VAE decodes from `latent_frames` (its frame chunks of two, the
+    first taking the odd one out; each temporal upsampling doubles a chunk, keeping the first frame
+    of an odd chunk apart)."""
+    from unlearn_jax.models.cogvideox_vae import LATENT_FRAMES_PER_CHUNK, frame_chunks
+
+    total = 0
+    for start, end in frame_chunks(latent_frames, LATENT_FRAMES_PER_CHUNK):
+        c = end - start
+        for _ in range(temporal_levels):
+            c = c if c == 1 else (2 * c - 1 if c % 2 else 2 * c)
+        total += c
+    return total
+
+
+def video_shape(model_cfg, vae_cfg, num_frames=None, height=None, width=None) -> VideoShape:
+    """The pipeline's video size (defaults from the transformer config, as `CogVideoXPipeline`)
+    checked against the VAE's compression and the transformer's patches."""
+    if vae_cfg is not None:
+        spatial, temporal = vae_cfg.spatial_ratio, int(vae_cfg.temporal_compression_ratio)
+    else:
+        spatial, temporal = 1, 1
+    if num_frames is None:
+        num_frames = model_cfg.sample_frames if vae_cfg is not None else \
+            (model_cfg.sample_frames - 1) // model_cfg.temporal_compression_ratio + 1
+    height = model_cfg.sample_height * spatial if height is None else height
+    width = model_cfg.sample_width * spatial if width is None else width
+    num_frames, height, width = _int("num_frames", num_frames), _int("height", height), _int("width", width)
+    f = (num_frames - 1) // temporal + 1
+    if vae_cfg is not None and decoded_frames(f, vae_cfg.temporal_compress_level) != num_frames:
+        # the VAE decodes latent frames two at a time (the first chunk takes an odd one out): only an odd
+        # number of latent frames gives back 1 + temporal * (latent frames - 1) frames
+        period = 2 * temporal
+        lo = (num_frames - 1) // period * period + 1
+        raise UnlearnError(f"num_frames = {num_frames} does not fit the VAE (temporal compression {temporal}, "
+                           f"decoded two latent frames at a time): use 1 + a multiple of {period}, "
+                           f"e.g. {lo} or {lo + period}")
+    step = spatial * model_cfg.patch_size
+    for name, v in (("height", height), ("width", width)):
+        if v % step:
+            what = f"the VAE's {spatial}x compression times patch_size {model_cfg.patch_size}" if vae_cfg is not None \
+                else f"patch_size {model_cfg.patch_size}"
+            raise UnlearnError(f"{name} = {v} is not a multiple of {step} ({what})")
+    h, w = height // spatial, width // spatial
+    if model_cfg.use_learned_positional_embeddings and (h, w) != (model_cfg.sample_height, model_cfg.sample_width):
+        raise UnlearnError(f"this model's learned positional embeddings fix the video to "
+                           f"{model_cfg.sample_height * spatial}x{model_cfg.sample_width * spatial}; "
+                           f"got {height}x{width}")
+    pad = (-f) % model_cfg.patch_size_t if model_cfg.patch_size_t else 0
+    return VideoShape(num_frames, height, width, f + pad, model_cfg.in_channels, h, w, pad)
+
+
+# --------------------------------------------------------------------------------------------
+# Noise
+# --------------------------------------------------------------------------------------------
+def jax_keys(seeds: Sequence[int]) -> jax.Array:
+    """(N,) PRNG keys: `jax.random.key(seed)` for each seed (both 32-bit words for seeds >= 2**32)."""
+    seeds = [check_seed(s) for s in seeds]
+    if jax.config.jax_default_prng_impl == "threefry2x32":
+        words = np.array([[s >> 32, s & 0xFFFFFFFF] for s in seeds], np.uint32).reshape(len(seeds), 2)
+        return jax.random.wrap_key_data(words)
+    if any(s >= 2**32 for s in seeds):
+        raise UnlearnError(f"seeds >= 2**32 need the default threefry PRNG (jax_default_prng_impl is "
+                           f"{jax.config.jax_default_prng_impl!r})")
+    return jnp.stack([jax.random.key(s) for s in seeds])
+
+
+def jax_noise(seed: int, shape) -> np.ndarray:
+    """The initial latents of `noise="jax"`: `normal(key(seed), shape)`, float32."""
+    return np.asarray(jax.random.normal(jax_keys([seed])[0], tuple(shape), jnp.float32))
+
+
+_TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def torch_noise(seed: int, shape, dtype: str = "float32", *, initial: bool = True, dpm_timesteps=None,
+                num_train_timesteps: int = 1000) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """What diffusers draws from `torch.Generator("cpu").manual_seed(seed)` in a CogVideoX pipeline
+    call for one video, in the pipeline's dtype, as float32 arrays (exact: bf16/fp16 widen losslessly).
+
+    initial: the latents `prepare_latents` draws (`randn_tensor(shape)`; False when the caller
+    passes `latents=` to the pipeline, which then draws nothing).
+    dpm_timesteps: the (N,) timesteps of a CogVideoXDPMScheduler run: then also the per-step noise
+    its `step` draws (one normal per step, a second one, the one used, on steps that take the
+    second-order update: every step but the first whose `t - T // N` is >= 0). Returns
+    (initial latents or None, (N, *shape) step noise or None).
+    """
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(check_seed(seed))
+    tdtype = getattr(torch, _TORCH_DTYPES[_dtype_name(dtype)])
+    shape = tuple(int(s) for s in shape)
+
+    def draw():
+        return torch.randn(shape, generator=g, device="cpu", dtype=tdtype).float().numpy()
+
+    init = draw() if initial else None
+    steps = None
+    if dpm_timesteps is not None:
+        ts = [int(t) for t in np.asarray(dpm_timesteps)]
+        out = []
+        for i, t in enumerate(ts):
+            z = draw()
+            if i > 0 and t - num_train_timesteps // len(ts) >= 0:
+                z = draw()
+            out.append(z)
+        steps = np.stack(out)
+    return init, steps
+
+
+# --------------------------------------------------------------------------------------------
+# Resolved settings (checked before any weight is read)
+# --------------------------------------------------------------------------------------------
+def _settings(sampler, num_steps, guidance_scale, use_dynamic_cfg, shape: VideoShape, dtype, noise, has_vae,
+              vae_tiling) -> dict:
+    tiling = True if vae_tiling is None else vae_tiling
+    return {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
+            "use_dynamic_cfg": bool(use_dynamic_cfg), "num_frames": shape.num_frames, "height": shape.height,
+            "width": shape.width, "dtype": dtype, "noise": noise, "vae": bool(has_vae),
+            "vae_tiling": (tiling if isinstance(tiling, bool) else dataclasses.asdict(tiling)) if has_vae else None}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """Every choice of a sampling run, resolved and checked from a pipeline folder's configs
+    (no weights read): what `VideoGenerator.from_pipeline` loads and runs."""
+
+    folder: PipelineFolder
+    erasers: Path | None
+    sampler: str
+    scheduler: SchedulerConfig
+    num_steps: int
+    guidance_scale: float
+    use_dynamic_cfg: bool
+    shape: VideoShape
+    dtype: str
+    noise: str
+    vae_tiling: object
+    batch_size: int
+
+    @classmethod
+    def resolve(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int = 50,
+                guidance_scale: float = 6.0, use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
+                height: int | None = None, width: int | None = None, noise: str = "jax", vae_tiling=None,
+                batch_size: int = 1) -> "SamplingPlan":
+        folder = PipelineFolder.open(path)
+        dtype = _dtype_name(dtype)
+        model_cfg = folder.transformer_config()
+        vae_cfg = folder.vae_config()
+        if sampler is None:
+            sampler = "dpm" if model_cfg.use_rotary_positional_embeddings else "ddim"
+        if sampler not in SAMPLERS:
+            raise UnlearnError(f"sampler = {sampler!r} is invalid; expected one of {', '.join(SAMPLERS)}")
+        if use_dynamic_cfg is None:
+            use_dynamic_cfg = sampler == "dpm"
+        elif not isinstance(use_dynamic_cfg, (bool, np.bool_)):
+            raise UnlearnError(f"use_dynamic_cfg = {use_dynamic_cfg!r} is invalid; expected true or false")
+        num_steps = _int("num_steps", num_steps)
+        guidance_scale = _number("guidance_scale", guidance_scale)
+        batch_size = _int("batch_size", batch_size)
+        _check_noise(noise)
+        if vae_tiling is not None and not isinstance(vae_tiling, bool):
+            from unlearn_jax.models.cogvideox_vae import TileSpec
+
+            if not isinstance(vae_tiling, TileSpec):
+                raise UnlearnError(f"vae_tiling = {vae_tiling!r} is invalid; expected None, true, false or a TileSpec")
+        if vae_cfg is None and model_cfg.in_channels != 3:
+            raise UnlearnError(f"{folder.root}: no vae/ folder, so the transformer must work on RGB pixels "
+                               f"(in_channels 3); it has in_channels {model_cfg.in_channels}")
+        shape = video_shape(model_cfg, vae_cfg, num_frames, height, width)
+        if erasers is not None:
+            erasers = Path(erasers)
+            if not erasers.is_dir():
+                raise UnlearnError(f"{erasers}: no such eraser folder")
+        scheduler = SchedulerConfig.from_diffusers(folder.scheduler_config, kind=sampler)
+        return cls(folder, erasers, sampler, scheduler, num_steps, guidance_scale, bool(use_dynamic_cfg), shape,
+                   dtype, noise, vae_tiling, batch_size)
+
+    def settings(self) -> dict:
+        """The settings that determine the videos (besides prompts, seeds and weights)."""
+        return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
+                         self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling)
+
+
+# --------------------------------------------------------------------------------------------
+# The generator
+# --------------------------------------------------------------------------------------------
+class VideoGenerator:
+    """Prompts + seeds -> videos, with a model, a scheduler and (optionally) a VAE held in memory.
+
+    Build it with `from_pipeline`. The sampler is jitted once per batch shape with the model's
+    parameters as an argument (never baked in as constants); batches of `batch_size` videos run
+    together (the last one padded). `generate` returns every video at once; `iter_videos`
+    yields them one at a time for long runs.
+    """
+
+    def __init__(self, model, scheduler: SchedulerConfig, shape: VideoShape, *, pipeline_dir=None, vae=None,
+                 sampler: str | None = None, num_steps: int = 50, guidance_scale: float = 6.0,
+                 use_dynamic_cfg: bool = False, dtype: str = "float32", noise: str = "jax", vae_tiling=None,
+                 batch_size: int = 1, mesh=None, progress: bool = True):
+        self.model, self.scheduler, self.shape, self.vae = model, scheduler, shape, vae
+        self.pipeline_dir = None if pipeline_dir is None else Path(pipeline_dir)
+        self.sampler = scheduler.kind if sampler is None else sampler
+        if self.sampler != scheduler.kind:
+            raise UnlearnError(f"sampler {self.sampler!r} but a {scheduler.kind!r} scheduler config")
+        self.num_steps = _int("num_steps", num_steps)
+        self.guidance_scale, self.use_dynamic_cfg = _number("guidance_scale", guidance_scale), bool(use_dynamic_cfg)
+        self.dtype, self.noise = _dtype_name(dtype), noise
+        _check_noise(noise)
+        self.vae_tiling = True if vae_tiling is None else vae_tiling
+        self.batch_size, self.mesh, self.progress = _int("batch_size", batch_size), mesh, progress
+        self.schedule = make_schedule(scheduler, self.num_steps)
+        self.cfg = uses_cfg(self.guidance_scale)
+        self._encoder_cache = None
+        self._neg_cache: dict[str, np.ndarray] = {}
+        self._warned_tiling = False
+        self._graphdef, self._state = nnx.split(model)
+        self._run = jax.jit(self._make_run())
+
+    # ---- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int = 50,
+                      guidance_scale: float = 6.0, use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
+                      height: int | None = None, width: int | None = None, noise: str = "jax", vae_tiling=None,
+                      batch_size: int = 1, mesh=None, progress: bool = True, **runtime) -> "VideoGenerator":
+        """Reads a diffusers CogVideoX pipeline folder (transformer/, scheduler/, tokenizer/,
+        text_encoder/ and vae/, which may be absent for pixel-space models).
+
+        erasers: a folder of trained erasers (ours or the published format) to attach.
+        dtype: parameters and compute of the transformer, text encoder and VAE (the pipeline's
+            torch_dtype): "bfloat16" (default), "float32" or "float16".
+        sampler: "ddim" | "dpm" | None (DDIM for models without RoPE, DPM for RoPE models).
+        use_dynamic_cfg: None = on for DPM, off for DDIM.
+        num_frames / height / width: None = the pipeline's defaults (transformer config).
+        noise: "jax" or "torch" (see the module docstring).
+        vae_tiling: None/True tile frames larger than the VAE's tile (`enable_tiling()`), False
+            never, or a `cogvideox_vae.TileSpec`.
+        runtime: `attention=`, `remat=` ... for `load_transformer`.
+        Every argument is checked (one-line `UnlearnError`) before any weight is read.
+        """
+        plan = SamplingPlan.resolve(path, erasers=erasers, dtype=dtype, sampler=sampler, num_steps=num_steps,
+                                    guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
+                                    num_frames=num_frames, height=height, width=width, noise=noise,
+                                    vae_tiling=vae_tiling, batch_size=batch_size)
+        return cls.from_plan(plan, mesh=mesh, progress=progress, **runtime)
+
+    @classmethod
+    def from_plan(cls, plan: "SamplingPlan", *, mesh=None, progress: bool = True, **runtime) -> "VideoGenerator":
+        """Loads the weights a resolved `SamplingPlan` names."""
+        from unlearn_jax.loading import load_transformer
+
+        model = load_transformer(plan.folder.root, dtype=plan.dtype, mesh=mesh, erasers=plan.erasers, **runtime)
+        vae = None
+        if plan.folder.vae is not None:
+            from unlearn_jax.models.cogvideox_vae import load_vae
+
+            vae = load_vae(plan.folder.vae, dtype=plan.dtype, mesh=mesh)
+        return cls(model, plan.scheduler, plan.shape, pipeline_dir=plan.folder.root, vae=vae, sampler=plan.sampler,
+                   num_steps=plan.num_steps, guidance_scale=plan.guidance_scale, use_dynamic_cfg=plan.use_dynamic_cfg,
+                   dtype=plan.dtype, noise=plan.noise, vae_tiling=plan.vae_tiling, batch_size=plan.batch_size,
+                   mesh=mesh, progress=progress)
+
+    def settings(self) -> dict:
+        """The settings that determine the videos (besides prompts, seeds and weights)."""
+        return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
+                         self.dtype, self.noise, self.vae is not None, self.vae_tiling)
+
+    # ---- the jitted sampler ------------------------------------------------------------------
+    def _make_run(self):
+        graphdef, schedule = self._graphdef, self.schedule
+        num_steps, g, dyn, dtype = self.num_steps, self.guidance_scale, self.use_dynamic_cfg, jnp.dtype(self.dtype)
+        item_shape = self.shape.noise_shape[1:]
+        needs_noise = schedule.needs_noise
+
+        def run(state, noise, keys, ctx, uncond, step_noise):
+            """noise (B, F, C, h, w) or None (drawn from keys); step_noise (N, B, ...) or None (from keys)."""
+            if noise is None:
+                noise = jax.vmap(lambda k: jax.random.normal(k, item_shape, jnp.float32))(keys)
+            if needs_noise and step_noise is None:
+                step_noise = jax.vmap(lambda i: jax.vmap(lambda k: jax.random.normal(
+                    jax.random.fold_in(k, i + 1), item_shape, jnp.float32))(keys))(jnp.arange(num_steps))
+            model = nnx.merge(graphdef, state)
+            out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(dtype), ctx.astype(dtype),
+                         None if uncond is None else uncond.astype(dtype), num_steps=num_steps, guidance_scale=g,
+                         use_dynamic_cfg=dyn, step_noise=step_noise if needs_noise else None)
+            return out.latents.astype(jnp.float32)
+
+        return run
+
+    # ---- text ------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> np.ndarray:
+        """(N, L, D) float32 prompt embeddings (`CogVideoXPipeline.encode_prompt`) in this dtype."""
+        from unlearn_jax.text_encoding import EncoderCache, encode_prompts
+
+        if self.pipeline_dir is None:
+            raise UnlearnError("this generator has no pipeline folder to encode prompts with; pass prompt_embeds")
+        if self._encoder_cache is None:
+            self._encoder_cache = EncoderCache(max_entries=1)
+        return encode_prompts(self.pipeline_dir, list(prompts), dtype=self.dtype, mesh=self.mesh,
+                              cache=self._encoder_cache)
+
+    def release_text_encoder(self):
+        """Frees the loaded text encoder (it is loaded again when needed)."""
+        self._encoder_cache = None
+
+    def _negative(self, negative_prompt: str) -> np.ndarray:
+        if negative_prompt not in self._neg_cache:
+            self._neg_cache = {negative_prompt: self.encode([negative_prompt])}
+        return self._neg_cache[negative_prompt]
+
+    # ---- inputs ----------------------------------------------------------------------------
+    def _inputs(self, prompts, seeds, negative_prompt, latents, prompt_embeds, negative_prompt_embeds):
+        shape = self.shape.noise_shape
+        if prompt_embeds is not None:
+            ctx = np.asarray(prompt_embeds, np.float32)
+            if ctx.ndim != 3:
+                raise UnlearnError(f"prompt_embeds must be (N, text_len, dim); got shape {ctx.shape}")
+            if prompts is not None and len(prompts) != len(ctx):
+                raise UnlearnError(f"{len(prompts)} prompts but {len(ctx)} prompt_embeds")
+        else:
+            if prompts is None:
+                raise UnlearnError("pass prompts or prompt_embeds")
+            if isinstance(prompts, str):
+                prompts = [prompts]
+            prompts = list(prompts)
+            bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+            if bad:
+                raise UnlearnError(f"prompts must be strings; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}")
+            ctx = self.encode(prompts) if prompts else np.zeros((0, 1, 1), np.float32)
+        n = len(ctx)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (n, *shape[1:]):
+                raise UnlearnError(f"latents must have shape {(n, *shape[1:])} (N, F, C, h, w) for these settings; "
+                                   f"got {latents.shape}")
+        if seeds is None:
+            if latents is None:
+                raise UnlearnError("pass one seed per video (seeds=) or the initial latents (latents=)")
+            seeds = list(range(n))   # only DPM's per-step noise uses them then
+        if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+            seeds = [seeds]
+        seeds = [check_seed(s, f"seed {i}") for i, s in enumerate(seeds)]
+        if len(seeds) != n:
+            raise UnlearnError(f"{n} prompts but {len(seeds)} seeds; pass one seed per prompt")
+        uncond = None
+        if self.cfg:
+            if negative_prompt_embeds is not None:
+                uncond = np.asarray(negative_prompt_embeds, np.float32)
+                if uncond.ndim == 2:
+                    uncond = uncond[None]
+                if uncond.ndim != 3 or uncond.shape[0] not in (1, n) or uncond.shape[1:] != ctx.shape[1:]:
+                    raise UnlearnError(f"negative_prompt_embeds must be (1 or {n}, {ctx.shape[1]}, {ctx.shape[2]}); "
+                                       f"got {uncond.shape}")
+            else:
+                if not isinstance(negative_prompt, str):
+                    raise UnlearnError(f"negative_prompt must be a string, not {type(negative_prompt).__name__}")
+                uncond = self._negative(negative_prompt)
+        return ctx, uncond, latents, seeds
+
+    def _noise_for(self, seed: int, have_latents: bool):
+        """(initial noise or None, step noise or None) for one video, on the host (torch) or
+        None/None when the jitted sampler draws them from the key (jax)."""
+        if self.noise == "jax":
+            return None, None
+        dpm = self.schedule.needs_noise
+        init, steps = torch_noise(seed, self.shape.noise_shape, self.dtype, initial=not have_latents,
+                                  dpm_timesteps=np.asarray(self.schedule.timesteps) if dpm else None,
+                                  num_train_timesteps=self.scheduler.num_train_timesteps)
+        return init, steps
+
+    # ---- generation ------------------------------------------------------------------------
+    def iter_latents(self, prompts=None, seeds=None, negative_prompt: str = "", *, latents=None, prompt_embeds=None,
+                     negative_prompt_embeds=None) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (index, final latents (1, F, C, h, w) float32) per video, in order: what
+        `CogVideoXPipeline(..., output_type="latent")` returns (padding frames included)."""
+        ctx, uncond, latents, seeds = self._inputs(prompts, seeds, negative_prompt, latents, prompt_embeds,
+                                                   negative_prompt_embeds)
+        n, bs = len(ctx), self.batch_size
+        bar = None
+        if self.progress and n:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, unit="video", desc="sampling", dynamic_ncols=True)
+        try:
+            for start in range(0, n, bs):
+                idx = list(range(start, min(start + bs, n)))
+                pad = idx + [idx[0]] * (bs - len(idx))
+                noise = None if latents is None else latents[pad]
+                keys = jax_keys([seeds[i] for i in pad]) if self.noise == "jax" else None
+                step_noise = None
+                if self.noise == "torch":
+                    drawn = [self._noise_for(seeds[i], latents is not None) for i in pad]
+                    if noise is None:
+                        noise = np.concatenate([d[0] for d in drawn])
+                    if self.schedule.needs_noise:
+                        step_noise = np.stack([d[1][:, 0] for d in drawn], axis=1)   # (N, B, F, C, h, w)
+                u = uncond if uncond is None or len(uncond) == 1 else uncond[pad]
+                out = self._run(self._state, noise, keys, ctx[pad], u, step_noise)
+                out = np.asarray(jax.device_get(out))
+                for j, i in enumerate(idx):
+                    yield i, out[j:j + 1]
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def decode(self, latents) -> np.ndarray:
+        """Final latents (1, F, C, h, w) -> frames (num_frames, H, W, 3) float32 in [0, 1], as the
+        pipeline's `output_type="np"` (padding frames of CogVideoX1.5 dropped first)."""
+        lat = np.asarray(latents, np.float32)[:, self.shape.pad_frames:]
+        if self.vae is None:
+            frames = np.clip((lat[0] + 1.0) / 2.0, 0.0, 1.0)
+            return np.ascontiguousarray(frames.transpose(0, 2, 3, 1))
+        z = jnp.asarray(lat, self.vae.dtype) * (1.0 / self.vae.scaling_factor)
+        video = self.vae.decode(z, tiling=self.vae_tiling)          # (1, 3, T, H, W)
+        want = (self.shape.height, self.shape.width)
+        if tuple(video.shape[-2:]) != want:
+            # diffusers' tiling crops tiles by the VAE config's tile sizes: for some VAE configs and
+            # sizes (never CogVideoX's own) the seams do not add up to the video size
+            if self.vae_tiling is not True:
+                raise UnlearnError(f"VAE tiling {self.vae_tiling} decodes {want[0]}x{want[1]} videos to "
+                                   f"{video.shape[-2]}x{video.shape[-1]} frames; use other tiles or vae_tiling=False")
+            if not self._warned_tiling:
+                log.warning("the VAE's default tiles decode %dx%d videos to %dx%d frames (as diffusers' "
+                            "enable_tiling would); decoding whole frames instead", *want, *video.shape[-2:])
+                self._warned_tiling = True
+            video = self.vae.decode(z, tiling=None)
+        video = jnp.clip(video / 2 + 0.5, 0, 1)
+        return np.ascontiguousarray(np.asarray(video[0].astype(jnp.float32)).transpose(1, 2, 3, 0))
+
+    def iter_videos(self, prompts=None, seeds=None, negative_prompt: str = "", **kw) -> Iterator[tuple[int, np.ndarray]]:
+        """Yields (index, frames (F, H, W, 3) float32 in [0, 1]) per video, in order."""
+        for i, lat in self.iter_latents(prompts, seeds, negative_prompt, **kw):
+            yield i, self.decode(lat)
+
+    def generate_latents(self, prompts=None, seeds=None, negative_prompt: str = "", *, latents=None,
+                         prompt_embeds=None, negative_prompt_embeds=None) -> np.ndarray:
+        """(N, F, C, h, w) float32 final latents (the pipeline's `output_type="latent"`)."""
+        out = [lat for _, lat in self.iter_latents(prompts, seeds, negative_prompt, latents=latents,
+                                                    prompt_embeds=prompt_embeds,
+                                                    negative_prompt_embeds=negative_prompt_embeds)]
+        return np.concatenate(out) if out else np.zeros((0, *self.shape.noise_shape[1:]), np.float32)
+
+    def generate(self, prompts=None, seeds=None, negative_prompt: str = "", *, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None) -> np.ndarray:
+        """(N, F, H, W, 3) float32 videos in [0, 1], one per prompt and seed.
+
+        latents: (N, F, C, h, w) initial noise instead of drawing it from the seeds (seeds then
+            default to 0..N-1; DPM still draws its per-step noise from them).
+        prompt_embeds / negative_prompt_embeds: precomputed (N, L, D) / (1 or N, L, D) embeddings
+            instead of encoding `prompts` / `negative_prompt`.
+        """
+        out = [v for _, v in self.iter_videos(prompts, seeds, negative_prompt, latents=latents,
+                                              prompt_embeds=prompt_embeds,
+                                              negative_prompt_embeds=negative_prompt_embeds)]
+        s = self.shape
+        return np.stack(out) if out else np.zeros((0, s.num_frames, s.height, s.width, 3), np.float32)
+
+
+__all__ = ["MAX_SEED", "NOISE_SOURCES", "PipelineFolder", "SAMPLERS", "SamplingPlan", "VideoGenerator", "VideoShape", "check_seed", "decoded_frames",
+           "jax_keys", "jax_noise", "torch_noise", "video_shape"]
