@@ -35,7 +35,7 @@ def test_toy_world_eval_writes_table_json_and_sheet(tmp_path, capsys):
                    "--steps", "4", "--erased-concepts", "colour:red", "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "colour:red" in printed and "(erased)" in printed and "max change" in printed
+    assert "colour:red" in printed and "(erased)" in printed and "largest drop" in printed
     res = json.loads((out / "toy_eval.json").read_text())
     assert set(res) >= {"original", "erased", "comparison"}
     cmp = res["comparison"]

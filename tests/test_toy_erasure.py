@@ -12,7 +12,7 @@ import pytest
 
 from unlearn_jax.config import load_config
 from unlearn_jax.toy import evaluate as E
-from unlearn_jax.toy.erasure import concept_entry
+from unlearn_jax.toy.erasure import concept_entries, concept_entry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,14 @@ def test_concept_entry_uses_train_synonyms_only():
     assert concept_entry("motion", "up")["aliases"] == ["up", "rising", "upward"]
     with pytest.raises(ValueError, match="not a toy-world concept"):
         concept_entry("colour", "purple")
+
+
+def test_concept_entries_keep_each_others_concepts_out_of_preservation():
+    red, tri = concept_entries(["colour:red", ("shape", "triangle")])
+    assert red["phrase"] == "red" and tri["phrase"] == "triangle"
+    assert not any(w in p.split() for p in red["preserve"] for w in ("triangle", "wedge", "pyramid"))
+    assert not any(w in p.split() for p in tri["preserve"] for w in ("red", "crimson", "scarlet"))
+    assert concept_entries(["colour:red"])[0] == concept_entry("colour", "red")
 
 
 def test_eval_prompts_avoid_erased_concepts():
@@ -61,3 +69,22 @@ def test_short_erasure_removes_red_and_keeps_green(tmp_path):
         assert red[split]["base"] >= 0.75
         assert red[split]["erased"] <= red[split]["base"] - 0.5, (split, red)
         assert green[split]["erased"] >= green[split]["base"] - 0.25, (split, green)
+
+
+def test_aliases_mark_synonym_tokens_as_the_concepts(tmp_path):
+    from transformers import AutoTokenizer
+
+    from unlearn_jax.erase_data import build_erase_data, concept_specs
+
+    toy = ROOT / "assets" / "toy_world"
+    entry = {"phrase": "red", "aliases": ["crimson", "scarlet"],
+             "prompts": ["a crimson ball moving up", "a scarlet box moving left", "a ball moving up"]}
+    data = build_erase_data(toy, concept_specs([entry]), default_eta=3.0, token_fallback="all")
+    tok = AutoTokenizer.from_pretrained(toy / "tokenizer")
+    words = []
+    for row in data.pools[0]:
+        ids = tok(data.prompts[row], padding="max_length", max_length=data.embeds.shape[1])["input_ids"]
+        words.append([tok.convert_ids_to_tokens(ids[i]).lstrip("\u2581") for i, v in zip(data.concept_idx[row], data.concept_valid[row])
+                      if v])
+    assert words[0] == ["red"] and words[1] == ["crimson"] and words[2] == ["scarlet"]
+    assert len(words[3]) == 4  # no synonym at all: the fallback marks every prompt token ("a ball moving up")

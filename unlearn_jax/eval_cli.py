@@ -149,15 +149,18 @@ def _prompt_sets(a, model: Path) -> int:
     plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps or 50,
                                 guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
                                 height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size)
-    erased = VideoGenerator.from_plan(plan, progress=not a.no_progress)
+    from unlearn_jax.text_encoding import EncoderCache
+
+    erased = VideoGenerator.from_plan(plan, progress=not a.no_progress, encoder_cache=EncoderCache(max_entries=1))
     gens = {}
     if a.erasers is not None:
-        # The original model is the erased one's base: the weights are shared, not loaded twice.
+        # The original model is the erased one's base: transformer, VAE and T5 are shared, not loaded twice.
         gens["original"] = VideoGenerator(
             erased.model.base, erased.scheduler, erased.shape, pipeline_dir=model, vae=erased.vae,
             sampler=erased.sampler, num_steps=erased.num_steps, guidance_scale=erased.guidance_scale,
             use_dynamic_cfg=erased.use_dynamic_cfg, dtype=erased.dtype, noise=erased.noise,
-            vae_tiling=erased.vae_tiling, batch_size=erased.batch_size, progress=not a.no_progress)
+            vae_tiling=erased.vae_tiling, batch_size=erased.batch_size, progress=not a.no_progress,
+            encoder_cache=erased.encoder_cache)
         gens["erased"] = erased
     else:
         gens["original"] = erased

@@ -380,7 +380,9 @@ class VideoGenerator:
     def __init__(self, model, scheduler: SchedulerConfig, shape: VideoShape, *, pipeline_dir=None, vae=None,
                  sampler: str | None = None, num_steps: int = 50, guidance_scale: float = 6.0,
                  use_dynamic_cfg: bool = False, dtype: str = "float32", noise: str = "jax", vae_tiling=None,
-                 batch_size: int = 1, mesh=None, progress: bool = True):
+                 batch_size: int = 1, mesh=None, progress: bool = True, encoder_cache=None):
+        """encoder_cache: a `text_encoding.EncoderCache` to share the loaded T5 with other generators
+        (e.g. an original and an erased model in one evaluation); default: this generator's own."""
         self.model, self.scheduler, self.shape, self.vae = model, scheduler, shape, vae
         self.pipeline_dir = None if pipeline_dir is None else Path(pipeline_dir)
         self.sampler = scheduler.kind if sampler is None else sampler
@@ -394,7 +396,7 @@ class VideoGenerator:
         self.batch_size, self.mesh, self.progress = _int("batch_size", batch_size), mesh, progress
         self.schedule = make_schedule(scheduler, self.num_steps)
         self.cfg = uses_cfg(self.guidance_scale)
-        self._encoder_cache = None
+        self._encoder_cache = encoder_cache
         self._neg_cache: dict[str, np.ndarray] = {}
         self._warned_tiling = False
         self._graphdef, self._state = nnx.split(model)
@@ -428,7 +430,8 @@ class VideoGenerator:
         return cls.from_plan(plan, mesh=mesh, progress=progress, **runtime)
 
     @classmethod
-    def from_plan(cls, plan: "SamplingPlan", *, mesh=None, progress: bool = True, **runtime) -> "VideoGenerator":
+    def from_plan(cls, plan: "SamplingPlan", *, mesh=None, progress: bool = True, encoder_cache=None,
+                  **runtime) -> "VideoGenerator":
         """Loads the weights a resolved `SamplingPlan` names."""
         from unlearn_jax.loading import load_transformer
 
@@ -441,7 +444,7 @@ class VideoGenerator:
         return cls(model, plan.scheduler, plan.shape, pipeline_dir=plan.folder.root, vae=vae, sampler=plan.sampler,
                    num_steps=plan.num_steps, guidance_scale=plan.guidance_scale, use_dynamic_cfg=plan.use_dynamic_cfg,
                    dtype=plan.dtype, noise=plan.noise, vae_tiling=plan.vae_tiling, batch_size=plan.batch_size,
-                   mesh=mesh, progress=progress)
+                   mesh=mesh, progress=progress, encoder_cache=encoder_cache)
 
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
@@ -482,6 +485,15 @@ class VideoGenerator:
         return encode_prompts(self.pipeline_dir, list(prompts), dtype=self.dtype, mesh=self.mesh,
                               cache=self._encoder_cache)
 
+    @property
+    def encoder_cache(self):
+        """The `EncoderCache` holding this generator's T5 (created on first use)."""
+        from unlearn_jax.text_encoding import EncoderCache
+
+        if self._encoder_cache is None:
+            self._encoder_cache = EncoderCache(max_entries=1)
+        return self._encoder_cache
+
     def release_text_encoder(self):
         """Frees the loaded text encoder (it is loaded again when needed)."""
         self._encoder_cache = None
@@ -503,13 +515,8 @@ class VideoGenerator:
         else:
             if prompts is None:
                 raise UnlearnError("pass prompts or prompt_embeds")
-            if isinstance(prompts, str):
-                prompts = [prompts]
-            prompts = list(prompts)
-            bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-            if bad:
-                raise UnlearnError(f"prompts must be strings; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}")
-            ctx = self.encode(prompts) if prompts else np.zeros((0, 1, 1), np.float32)
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            ctx = self.encode(prompts) if prompts else np.zeros((0, 1, 1), np.float32)  # encode checks them
         n = len(ctx)
         if latents is not None:
             latents = np.asarray(latents, np.float32)

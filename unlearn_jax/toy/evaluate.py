@@ -197,7 +197,7 @@ def compare(base: dict, erased: dict, erased_concepts: Sequence[str] = ()) -> di
     """Before/after rates of every concept: {concept: {split: {"base", "erased", "change"}}, plus
     the checks of a successful erasure: every erased concept's rate <= 0.10 in every split, every
     other concept within 0.10 of the base model's rate."""
-    rows, worst_erased, worst_other = {}, 0.0, 0.0
+    rows, worst_erased, worst_other, worst_drop = {}, 0.0, 0.0, 0.0
     for name, r in base["rates"].items():
         e = erased["rates"].get(name, {})
         rows[name] = {s: {"base": r[s], "erased": e[s], "change": e[s] - r[s]} for s in r if s in e}
@@ -206,8 +206,9 @@ def compare(base: dict, erased: dict, erased_concepts: Sequence[str] = ()) -> di
                 worst_erased = max(worst_erased, cell["erased"])
             else:
                 worst_other = max(worst_other, abs(cell["change"]))
+                worst_drop = max(worst_drop, -cell["change"])
     return {"erased_concepts": list(erased_concepts), "rates": rows,
-            "max_erased_rate": worst_erased, "max_other_change": worst_other,
+            "max_erased_rate": worst_erased, "max_other_change": worst_other, "max_other_drop": worst_drop,
             "erased_ok": worst_erased <= 0.10 + 1e-9, "others_ok": worst_other <= 0.10 + 1e-9}
 
 
@@ -221,8 +222,9 @@ def format_comparison(cmp: dict) -> str:
         lines.append(f"{name:<16}" + "".join(f"{row[s]['base']:>14.2f}{row[s]['erased']:>8.2f}{row[s]['change']:>+8.2f}"
                                              for s in splits) + mark)
     lines.append(f"erased concepts: max rate {cmp['max_erased_rate']:.2f} (target <= 0.10: "
-                 f"{'met' if cmp['erased_ok'] else 'NOT met'}); other concepts: max change "
-                 f"{cmp['max_other_change']:.2f} (target <= 0.10: {'met' if cmp['others_ok'] else 'NOT met'})")
+                 f"{'met' if cmp['erased_ok'] else 'NOT met'}); other concepts: max |change| "
+                 f"{cmp['max_other_change']:.2f} (target <= 0.10: {'met' if cmp['others_ok'] else 'NOT met'}), "
+                 f"largest drop {cmp['max_other_drop']:.2f}")
     return "\n".join(lines)
 
 

@@ -3,17 +3,13 @@
     unlearn-jax erase --config configs/toy_world/ablations/two_concepts.py
 (all ablations and their README table: python tools/toy/run_ablations.py)
 """
-from pathlib import Path
-
-from unlearn_jax.config import load_config
-from unlearn_jax.toy.erasure import concept_entry
+from unlearn_jax.toy.erasure import ablation_config, concept_entries
 
 
 def get_config():
-    c = load_config(Path(__file__).resolve().parents[1] / "erase_red.py")
-    c.workdir = "runs/toy_world/ablations/two_concepts"
-    c.export.formats = ["erasers"]
-    c.concepts = [concept_entry("colour", "red"), concept_entry("shape", "triangle")]
+    c = ablation_config(__file__)
+    # each concept's preservation prompts avoid the other (no "green triangle" held while erasing triangles)
+    c.concepts = concept_entries(["colour:red", "shape:triangle"])
     c.train.num_steps = 300
     c.evaluate.erased_concepts = ["colour:red", "shape:triangle"]
     return c
