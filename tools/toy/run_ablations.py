@@ -48,8 +48,8 @@ def run(name: str) -> float | None:
 def row(name: str) -> str:
     ev = json.loads((workdir(name) / "eval.json").read_text())["comparison"]
     # older eval.json files lack the drop: recompute it from the rates
-    drop = max(-cell["change"] for c, row in ev["rates"].items() if c not in ev["erased_concepts"]
-               for cell in row.values())
+    drop = max(0.0, *(-cell["change"] for c, row in ev["rates"].items() if c not in ev["erased_concepts"]
+               for cell in row.values()))
     erased = ev["erased_concepts"]
     others = [c for c in ev["rates"] if c not in erased]
 

@@ -10,6 +10,8 @@ def get_config():
     c = ablation_config(__file__)
     # each concept's preservation prompts avoid the other (no "green triangle" held while erasing triangles)
     c.concepts = concept_entries(["colour:red", "shape:triangle"])
-    c.train.num_steps = 300
+    # two concepts share the steps and the batch: a larger batch and more steps (README: what was tried)
+    c.train.batch_size = 8
+    c.train.num_steps = 450
     c.evaluate.erased_concepts = ["colour:red", "shape:triangle"]
     return c
