@@ -88,3 +88,15 @@ def test_aliases_mark_synonym_tokens_as_the_concepts(tmp_path):
                       if v])
     assert words[0] == ["red"] and words[1] == ["crimson"] and words[2] == ["scarlet"]
     assert len(words[3]) == 4  # no synonym at all: the fallback marks every prompt token ("a ball moving up")
+
+
+def test_bad_evaluate_settings_fail_before_training(tmp_path):
+    from unlearn_jax.erase import run_erase
+    from unlearn_jax.errors import UnlearnError
+
+    c = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
+    c.workdir = str(tmp_path / "run")
+    c.evaluate.erased_concepts = ["colour:purple"]
+    with pytest.raises(UnlearnError, match="unknown toy concepts"):
+        run_erase(c, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

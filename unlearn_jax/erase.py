@@ -269,6 +269,7 @@ class Run:
 
         cfg = self.cfg
         self._check_config_compatible()
+        self._check_evaluate()
         if self.is_main:
             with atomic_file(self.workdir / "config.json", "w") as f:
                 f.write(self._config_json())
@@ -333,11 +334,13 @@ class Run:
         return summary
 
     # ---- outputs -------------------------------------------------------------------------------
-    def evaluate_toy_world(self, phi) -> dict:
-        """The before/after table of a toy-world run (config.evaluate): eval.json and eval.md."""
+    def _check_evaluate(self):
+        """config.evaluate is checked before training, not found wrong after it."""
+        e = self.cfg.evaluate
+        if not e.toy_world:
+            return
         from unlearn_jax.toy import evaluate as toy_eval
 
-        e = self.cfg.evaluate
         if not (self.pipeline / "toy_world.json").is_file():
             raise UnlearnError(f"config.evaluate.toy_world: {self.pipeline} is not a toy-world pipeline "
                                "(no toy_world.json); evaluate real models with `unlearn-jax eval`")
@@ -345,6 +348,14 @@ class Run:
         bad = [c for c in e.erased_concepts if c not in known]
         if bad:
             raise UnlearnError(f"config.evaluate.erased_concepts: unknown toy concepts {bad} (known: {sorted(known)})")
+        if e.n < 1 or e.num_steps < 1:
+            raise UnlearnError(f"config.evaluate: n and num_steps must be >= 1 (got {e.n}, {e.num_steps})")
+
+    def evaluate_toy_world(self, phi) -> dict:
+        """The before/after table of a toy-world run (config.evaluate): eval.json and eval.md."""
+        from unlearn_jax.toy import evaluate as toy_eval
+
+        e = self.cfg.evaluate
         cfg = toy_eval.EvalConfig(n=e.n, num_steps=e.num_steps, guidance_scale=e.guidance_scale, seed=e.seed)
         out = toy_eval.evaluate_erasure(self.pipeline, (self.eraser, phi), cfg, list(e.erased_concepts))
         table = toy_eval.format_comparison(out["comparison"])
