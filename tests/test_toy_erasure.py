@@ -100,3 +100,21 @@ def test_bad_evaluate_settings_fail_before_training(tmp_path):
     with pytest.raises(UnlearnError, match="unknown toy concepts"):
         run_erase(c, progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("override, match", [
+    ({"export.formats": ["zip"]}, "unknown format"),
+    ({"export.formats": ["lora"]}, "cannot hold adapter erasers"),
+])
+def test_bad_export_settings_fail_before_training(tmp_path, override, match):
+    from unlearn_jax.erase import run_erase
+    from unlearn_jax.errors import UnlearnError
+
+    c = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
+    c.workdir = str(tmp_path / "run")
+    for k, v in override.items():
+        section, field = k.split(".")
+        c[section][field] = v
+    with pytest.raises(UnlearnError, match=match):
+        run_erase(c, progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

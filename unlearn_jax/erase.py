@@ -269,7 +269,7 @@ class Run:
 
         cfg = self.cfg
         self._check_config_compatible()
-        self._check_evaluate()
+        self._check_outputs()
         if self.is_main:
             with atomic_file(self.workdir / "config.json", "w") as f:
                 f.write(self._config_json())
@@ -334,8 +334,22 @@ class Run:
         return summary
 
     # ---- outputs -------------------------------------------------------------------------------
-    def _check_evaluate(self):
-        """config.evaluate is checked before training, not found wrong after it."""
+    def _check_outputs(self):
+        """config.export and config.evaluate are checked before training, not found wrong after it."""
+        import importlib.util
+
+        for fmt in self.cfg.export.formats:
+            if fmt not in EXPORT_FORMATS:
+                raise UnlearnError(f"config.export.formats: unknown format {fmt!r} ({', '.join(EXPORT_FORMATS)})")
+        kind = self.eraser.kind
+        fits = {"t2vunlearning": kind == "adapter", "lora": kind == "lora", "diffusers": kind != "adapter"}
+        for fmt in self.cfg.export.formats:
+            if not fits.get(fmt, True):
+                raise UnlearnError(f"config.export.formats: {fmt!r} cannot hold {kind} erasers (t2vunlearning: "
+                                   "adapter; lora: lora; diffusers, merged weights: lora / attn / full)")
+        if "t2vunlearning" in self.cfg.export.formats and importlib.util.find_spec("torch") is None:
+            raise UnlearnError("config.export.formats: t2vunlearning writes eraser_weights.pt, which needs PyTorch "
+                               "(pip install 'unlearn-jax[torch]'), or leave that format out")
         e = self.cfg.evaluate
         if not e.toy_world:
             return
@@ -417,9 +431,6 @@ class Run:
                 eraser_io.export_lora(target, self.eraser, phi)
             elif fmt == "diffusers":
                 eraser_io.export_merged(target, self.model, self.eraser, phi)
-            else:
-                raise UnlearnError(f"config.export.formats: unknown format {fmt!r} "
-                                   "(erasers, t2vunlearning, lora, diffusers)")
             out.append(str(target))
         return out
 
@@ -464,6 +475,9 @@ def _write_metrics(path: Path, records: list[dict]):
     with atomic_file(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+
+
+EXPORT_FORMATS = ("erasers", "t2vunlearning", "lora", "diffusers")
 
 
 def run_erase(cfg, progress: bool = True, stop_after_steps: int | None = None) -> dict:
