@@ -31,6 +31,8 @@ import subprocess
 import tempfile
 import time
 
+from bench_model import add_shape_args, diffusers_model
+
 SCHEDULER_JSON = "/work/shared/data/model_configs/cogvideox_2b_scheduler.json"
 
 
@@ -43,12 +45,7 @@ def _uptime() -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=5, help="latent frames")
-    ap.add_argument("--height", type=int, default=16, help="latent height")
-    ap.add_argument("--width", type=int, default=24, help="latent width")
-    ap.add_argument("--text-len", type=int, default=226)
+    add_shape_args(ap)
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--steps", type=int, default=50, help="J, the sampler's step count")
     ap.add_argument("--j", type=int, default=10, help="sampler steps taken to reach x_t (fixed on both sides)")
@@ -66,7 +63,6 @@ def main():
     import jax.numpy as jnp
     import numpy as np
     import torch
-    from diffusers import CogVideoXTransformer3DModel
     from flax import nnx
 
     import unlearn_jax
@@ -76,13 +72,7 @@ def main():
     from unlearn_jax.torch.reference import ReferenceIteration
     from unlearn_jax.train import ErasureStep, StepSettings, init_state, make_optimizer
 
-    cfg = dict(num_attention_heads=args.heads, attention_head_dim=64, in_channels=16, out_channels=16,
-               time_embed_dim=512, text_embed_dim=4096, num_layers=args.layers, sample_width=args.width,
-               sample_height=args.height, sample_frames=(args.frames - 1) * 4 + 1,
-               max_text_seq_length=args.text_len, use_rotary_positional_embeddings=True)
-    torch.manual_seed(0)
-    tmodel = CogVideoXTransformer3DModel(**cfg).eval()
-    n_params = sum(p.numel() for p in tmodel.parameters())
+    tmodel, n_params = diffusers_model(args)
     latent_shape = (args.frames, 16, args.height, args.width)
     b, L, D = 1, args.text_len, 4096
 

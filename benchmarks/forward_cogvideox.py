@@ -13,15 +13,12 @@ import statistics
 import tempfile
 import time
 
+from bench_model import add_shape_args, diffusers_model
+
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=5)
-    ap.add_argument("--height", type=int, default=16)
-    ap.add_argument("--width", type=int, default=24)
-    ap.add_argument("--text-len", type=int, default=226)
+    add_shape_args(ap)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--attention", default="xla")
     args = ap.parse_args()
@@ -29,19 +26,12 @@ def main():
     import jax
     import numpy as np
     import torch
-    from diffusers import CogVideoXTransformer3DModel
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
     import unlearn_jax
 
-    cfg = dict(num_attention_heads=args.heads, attention_head_dim=64, in_channels=16, out_channels=16,
-               time_embed_dim=512, text_embed_dim=4096, num_layers=args.layers, sample_width=args.width,
-               sample_height=args.height, sample_frames=(args.frames - 1) * 4 + 1,
-               max_text_seq_length=args.text_len, use_rotary_positional_embeddings=True)
-    torch.manual_seed(0)
-    tmodel = CogVideoXTransformer3DModel(**cfg).eval()
-    n_params = sum(p.numel() for p in tmodel.parameters())
+    tmodel, n_params = diffusers_model(args)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, args.frames, 16, args.height, args.width), np.float32)
     ctx = rng.standard_normal((1, args.text_len, 4096), np.float32)
