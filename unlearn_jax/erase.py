@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -77,7 +76,6 @@ class Run:
 
     def __init__(self, cfg, progress: bool = True):
         import jax
-        import jax.numpy as jnp
         from flax import nnx
 
         from unlearn_jax.erase_data import build_erase_data, concept_specs
@@ -264,7 +262,6 @@ class Run:
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, stop_after_steps: int | None = None) -> dict:
         """Runs to `train.num_steps` (or `stop_after_steps` more steps); resumes from the latest checkpoint."""
-        import jax
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -358,10 +355,7 @@ class Run:
         if not (self.pipeline / "toy_world.json").is_file():
             raise UnlearnError(f"config.evaluate.toy_world: {self.pipeline} is not a toy-world pipeline "
                                "(no toy_world.json); evaluate real models with `unlearn-jax eval`")
-        known = {toy_eval.concept_name(a, v) for a, v in toy_eval.concepts()}
-        bad = [c for c in e.erased_concepts if c not in known]
-        if bad:
-            raise UnlearnError(f"config.evaluate.erased_concepts: unknown toy concepts {bad} (known: {sorted(known)})")
+        toy_eval.check_concept_names(e.erased_concepts, "config.evaluate.erased_concepts")
         if e.n < 1 or e.num_steps < 1:
             raise UnlearnError(f"config.evaluate: n and num_steps must be >= 1 (got {e.n}, {e.num_steps})")
 
@@ -373,11 +367,7 @@ class Run:
         cfg = toy_eval.EvalConfig(n=e.n, num_steps=e.num_steps, guidance_scale=e.guidance_scale, seed=e.seed)
         out = toy_eval.evaluate_erasure(self.pipeline, (self.eraser, phi), cfg, list(e.erased_concepts))
         table = toy_eval.format_comparison(out["comparison"])
-        with atomic_file(self.workdir / "eval.json", "w") as f:
-            json.dump(out, f, indent=1)
-            f.write("\n")
-        with atomic_file(self.workdir / "eval.md", "w") as f:
-            f.write(f"```\n{table}\n```\n")
+        toy_eval.write_results(self.workdir / "eval.json", self.workdir / "eval.md", out, table)
         return {"evaluation": str(self.workdir / "eval.json"), "table": table}
 
     def plot(self, history: list[dict]):

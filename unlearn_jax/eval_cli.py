@@ -88,39 +88,29 @@ def _main(a) -> int:
 def _toy(a, model: Path) -> int:
     import numpy as np
 
-    from unlearn_jax.atomic import atomic_file
     from unlearn_jax.toy import evaluate as E
     from unlearn_jax.video_io import write_png
 
-    known = {E.concept_name(x, v) for x, v in E.concepts()}
-    bad = [c for c in a.erased_concepts if c not in known]
-    if bad:
-        raise UnlearnError(f"--erased-concepts: unknown toy concepts {bad}; known: {', '.join(sorted(known))}")
-    if a.erased_concepts and a.erasers is None:
+    erased_concepts = E.check_concept_names(a.erased_concepts, "--erased-concepts")
+    if erased_concepts and a.erasers is None:
         raise UnlearnError("--erased-concepts needs --erasers")
-    cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps, guidance_scale=a.guidance,
-                       avoid=tuple(a.erased_concepts))
+    cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps, guidance_scale=a.guidance)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    net, sched, world_cfg, encode = E.load_pipeline(model)
-    base = E.evaluate(net, sched, world_cfg, encode, cfg, keep_videos=True)
-    videos = {"original": base.pop("videos")}
-    result = {"model": str(model), "erasers": a.erasers, "original": base}
     if a.erasers is None:
+        net, sched, world_cfg, encode = E.load_pipeline(model)
+        base = E.evaluate(net, sched, world_cfg, encode, cfg, keep_videos=True)
+        videos = {"original": base.pop("videos")}
+        result = {"model": str(model), "erasers": None, "original": base}
         table = E.format_table(base)
     else:
-        from unlearn_jax.erasers import attach_erasers
-
-        erased = E.evaluate(attach_erasers(net, a.erasers), sched, world_cfg, encode, cfg, keep_videos=True)
-        videos["erased"] = erased.pop("videos")
-        result["erased"] = erased
-        result["comparison"] = E.compare(base, erased, a.erased_concepts)
-        table = E.format_comparison(result["comparison"])
-    with atomic_file(out / "toy_eval.json", "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
-    with atomic_file(out / "toy_eval.md", "w") as f:
-        f.write(f"```\n{table}\n```\n")
+        both = E.evaluate_erasure(model, a.erasers, cfg, erased_concepts, keep_videos=True)
+        base, erased = both["base"], both["erased"]
+        videos = {"original": base.pop("videos"), "erased": erased.pop("videos")}
+        result = {"model": str(model), "erasers": a.erasers, "original": base, "erased": erased,
+                  "comparison": both["comparison"]}
+        table = E.format_comparison(both["comparison"])
+    E.write_results(out / "toy_eval.json", out / "toy_eval.md", result, table)
     first = [i for i, it in enumerate(base["items"]) if it["index"] == 0 and it["split"] == "train"]
     rows = np.concatenate([videos[k][first][:, None] for k in videos], axis=1).reshape(-1, *videos["original"].shape[1:])
     write_png(out / "toy_sheet.png", E.video_grid(rows))

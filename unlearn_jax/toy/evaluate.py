@@ -57,6 +57,17 @@ def concept_name(attribute: str, value: str) -> str:
     return f"{attribute}:{value}"
 
 
+def check_concept_names(names: Sequence[str], where: str) -> list[str]:
+    """`names` ("colour:red" ...) as a list, or a one-line UnlearnError naming `where` and the known ones."""
+    from unlearn_jax.errors import UnlearnError
+
+    known = [concept_name(a, v) for a, v in concepts()]
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise UnlearnError(f"{where}: unknown toy concepts {bad}; known: {', '.join(known)}")
+    return list(names)
+
+
 def eval_prompts(cfg: EvalConfig, concept_list: Sequence[tuple[str, str]] | None = None) -> list[dict]:
     """The evaluation items: {"concept", "split", "prompt", "attributes", "index"}, in a fixed order."""
     items = []
@@ -229,19 +240,32 @@ def format_comparison(cmp: dict) -> str:
 
 
 def evaluate_erasure(pipeline, erasers, cfg: EvalConfig, erased_concepts: Sequence[str], base_report: dict | None = None,
-                     concept_list: Sequence[tuple[str, str]] | None = None) -> dict:
+                     concept_list: Sequence[tuple[str, str]] | None = None, keep_videos: bool = False) -> dict:
     """Evaluates the base model and the model with `erasers` (a folder or (EraserConfig, phi)) on
     the same prompts and noise, other concepts' prompts avoiding the erased ones.
-    Returns {"base": report, "erased": report, "comparison": compare(...)}."""
+    Returns {"base": report, "erased": report, "comparison": compare(...)} (`keep_videos`: each
+    report also holds its "videos", as `evaluate`)."""
     from unlearn_jax.erasers import attach_erasers
 
     cfg = dataclasses.replace(cfg, avoid=tuple(erased_concepts))
     model, sched, world_cfg, encode = load_pipeline(pipeline)
     if base_report is None:
-        base_report = evaluate(model, sched, world_cfg, encode, cfg, concept_list)
-    erased_report = evaluate(attach_erasers(model, erasers), sched, world_cfg, encode, cfg, concept_list)
+        base_report = evaluate(model, sched, world_cfg, encode, cfg, concept_list, keep_videos)
+    erased_report = evaluate(attach_erasers(model, erasers), sched, world_cfg, encode, cfg, concept_list,
+                             keep_videos)
     return {"base": base_report, "erased": erased_report,
             "comparison": compare(base_report, erased_report, erased_concepts)}
+
+
+def write_results(json_path, md_path, results: dict, table: str):
+    """Writes an evaluation's results as JSON and its table as Markdown (each atomically)."""
+    from unlearn_jax.atomic import atomic_file
+
+    with atomic_file(json_path, "w") as f:
+        json.dump(results, f, indent=1)
+        f.write("\n")
+    with atomic_file(md_path, "w") as f:
+        f.write(f"```\n{table}\n```\n")
 
 
 def main(argv=None) -> int:
@@ -277,5 +301,6 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EvalConfig", "compare", "concepts", "evaluate_erasure", "format_comparison", "eval_prompts", "evaluate", "format_table", "generate", "load_pipeline",
-           "main", "make_generator", "summarize", "video_grid", "write_png"]
+__all__ = ["EvalConfig", "check_concept_names", "compare", "concepts", "eval_prompts", "evaluate", "evaluate_erasure",
+           "format_comparison", "format_table", "generate", "load_pipeline", "main", "make_generator", "summarize",
+           "video_grid", "write_png", "write_results"]
