@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from helpers_text import build_tiny_pipeline
+from repo_paths import MODEL_CONFIGS, ROOT
 
 TEXT_LEN = 16
 
@@ -22,8 +23,7 @@ def build_erase_pipeline(folder, seed: int = 0, **transformer_overrides) -> Path
         max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=True, **transformer_overrides))
     save_transformer(CogVideoXTransformer(cfg, rngs=nnx.Rngs(seed)), folder / "transformer")
     (folder / "scheduler").mkdir(exist_ok=True)
-    sched = json.loads((Path(__file__).resolve().parents[2] / "shared" / "data" / "model_configs" /
-                        "cogvideox_2b_scheduler.json").read_text())
+    sched = json.loads((MODEL_CONFIGS / "cogvideox_2b_scheduler.json").read_text())
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
     return folder
 
@@ -32,7 +32,7 @@ def tiny_erase_config(pipeline, workdir, **overrides):
     """configs/tiny_test.py for `pipeline` and `workdir`, no exports, plus `field=value` overrides."""
     from unlearn_jax.config import apply_override, load_config
 
-    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.py")
+    c = load_config(ROOT / "configs" / "tiny_test.py")
     c.model.path = str(pipeline)
     c.workdir = str(workdir)
     c.export.formats = []

@@ -13,12 +13,13 @@ import unlearn_jax
 from helpers_cogvideox import build_torch, inputs, tiny_config, torch_forward
 from unlearn_jax.conversion import plan_import
 from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError
-from unlearn_jax.loading import _flat_targets
+from unlearn_jax.conversion import module_targets
 from unlearn_jax.models.cogvideox import CogVideoXConfig, abstract_model, rule_table
 from unlearn_jax.parallel import DEFAULT_RULES
+from repo_paths import MODEL_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT.parent / "shared" / "data" / "model_configs"
+CONFIGS = MODEL_CONFIGS
 
 
 def _all_tensors(folder: Path) -> dict:
@@ -110,7 +111,7 @@ def test_rule_table_covers_full_size_models(name):
     shapes = {k: tuple(v.shape) for k, v in tmodel.state_dict().items()}
     cfg = CogVideoXConfig.from_dict(raw)
     table = rule_table(cfg)
-    targets = _flat_targets(abstract_model(cfg), None, DEFAULT_RULES, None)
+    targets = module_targets(abstract_model(cfg), rules=DEFAULT_RULES)
     plan = plan_import(table, shapes, targets, name)  # raises listing every problem
     assert sum(len(v) for v in plan.values()) == len(shapes)
     assert all(plan[p] for p in targets)

@@ -18,7 +18,7 @@ from diffusers import CogVideoXTransformer3DModel
 import unlearn_jax
 import unlearn_jax.torch as ujt
 from helpers_cogvideox import build_torch, inputs, tiny_config, torch_forward
-from unlearn_jax import eraser_io
+from unlearn_jax import erased_model, eraser_io, export
 from unlearn_jax.erasers import EraserConfig, eraser_hooks, init_erasers
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.models.cogvideox import CogVideoXConfig
@@ -119,7 +119,7 @@ def test_adapter_in_stock_diffusers(base, data, tmp_path):
 
     ours, pub = tmp_path / "ours", tmp_path / "pub"
     eraser_io.save_erasers(ours, cfg, phi, model.config)
-    eraser_io.export_t2vunlearning(pub, cfg, phi)  # the scale is folded into `up`
+    export.export_t2vunlearning(pub, cfg, phi, model)  # the scale is folded into `up`
     pt_only = tmp_path / "pt_only"
     shutil.copytree(pub, pt_only)
     (pt_only / "eraser_weights.safetensors").unlink()
@@ -142,7 +142,7 @@ def test_adapter_in_stock_diffusers(base, data, tmp_path):
 
     # the JAX erased model: load_transformer(erasers=...) and the jitted __call__
     erased = unlearn_jax.load_transformer(folder, erasers=ours)
-    assert isinstance(erased, eraser_io.ErasedTransformer)
+    assert isinstance(erased, erased_model.ErasedTransformer)
     close(np.asarray(erased(*data)), want)
     close(np.asarray(erased(*data, erasers_on=False)), np.asarray(model(*data)), atol=0)
     close(np.asarray(erased(*data, scale=0.3)), jax_velocity(model, cfg, phi, data, scale=0.3))
@@ -177,7 +177,7 @@ def test_lora_exports(base, data, lora, tmp_path):
     want = jax_velocity(model, cfg, phi, data)
     assert np.abs(want - np.asarray(model(*data))).max() > 1e-2
 
-    eraser_io.export_lora(tmp_path / "lora", cfg, phi)
+    export.export_lora(tmp_path / "lora", cfg, phi, model)
     from safetensors.numpy import load_file
 
     sd = load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
@@ -186,9 +186,9 @@ def test_lora_exports(base, data, lora, tmp_path):
     assert len(sd) == 2 * 3 * CFG["num_layers"]
 
     # merged into a plain diffusers folder
-    eraser_io.export_merged(tmp_path / "merged", model, cfg, phi)
+    export.export_merged(tmp_path / "merged", model, cfg, phi)
     close(velocity(stock(tmp_path / "merged"), data), want)
-    close(np.asarray(eraser_io.attach_erasers(model, (cfg, phi)).merged()(*data)), want)
+    close(np.asarray(erased_model.attach_erasers(model, (cfg, phi)).merged()(*data)), want)
 
     # our eraser folder in the torch helper
     eraser_io.save_erasers(tmp_path / "ours", cfg, phi, model.config)
@@ -203,7 +203,7 @@ def test_lora_in_diffusers_lora_loader(base, data, lora, tmp_path):
     folder, model = base
     cfg, phi = lora
     want = jax_velocity(model, cfg, phi, data)
-    eraser_io.export_lora(tmp_path / "lora", cfg, phi)
+    export.export_lora(tmp_path / "lora", cfg, phi, model)
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=stock(folder),
                              scheduler=CogVideoXDDIMScheduler())
     pipe.load_lora_weights(tmp_path / "lora")
@@ -219,7 +219,7 @@ def test_finetuned_merged(base, data, kind, tmp_path):
     cfg, phi = random_phi(kind, model, 2)
     want = jax_velocity(model, cfg, phi, data)
     assert np.abs(want - np.asarray(model(*data))).max() > 1e-2
-    eraser_io.export_merged(tmp_path / "merged", model, cfg, phi)
+    export.export_merged(tmp_path / "merged", model, cfg, phi)
     close(velocity(stock(tmp_path / "merged"), data), want)
     # our folder round-trips exactly
     eraser_io.save_erasers(tmp_path / "ours", cfg, phi, model.config)
@@ -236,7 +236,7 @@ def test_pipeline_generation_with_adapter(base, tmp_path):
 
     folder, model = base
     cfg, phi = random_phi("adapter", model, 3)
-    eraser_io.export_t2vunlearning(tmp_path / "pub", cfg, phi)
+    export.export_t2vunlearning(tmp_path / "pub", cfg, phi, model)
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(block_out_channels=(8, 16, 16, 16), latent_channels=CFG["in_channels"],
                                  layers_per_block=1, norm_num_groups=4, sample_height=64, sample_width=96).eval()
@@ -287,7 +287,7 @@ def test_published_round_trip(base, data, tmp_path):
     folder, model = base
     cfg, phi = random_phi("adapter", model, 4)
     pub = tmp_path / "pub"
-    eraser_io.export_t2vunlearning(pub, cfg, phi)
+    export.export_t2vunlearning(pub, cfg, phi, model)
     assert json.loads((pub / "eraser_config.json").read_text()) == {"eraser_type": "adapter", "eraser_rank": RANK}
     ckpt = torch.load(pub / "eraser_weights.pt", weights_only=True)
     assert sorted(ckpt) == [f"transformer_blocks.{i}.attn1.adapter" for i in range(2)]
@@ -332,7 +332,7 @@ def test_bad_eraser_files(base, tmp_path):
     folder, model = base
     cfg, phi = random_phi("adapter", model, 5)
     pub, ours = tmp_path / "pub", tmp_path / "ours"
-    eraser_io.export_t2vunlearning(pub, cfg, phi)
+    export.export_t2vunlearning(pub, cfg, phi, model)
     (pub / "eraser_weights.safetensors").unlink()
     eraser_io.save_erasers(ours, cfg, phi, model.config)
 
@@ -409,11 +409,11 @@ def test_bad_eraser_files(base, tmp_path):
 
     # exports of the wrong kind
     with pytest.raises(UnlearnError, match="adapter erasers only"):
-        eraser_io.export_t2vunlearning(tmp_path / "x", EraserConfig(kind="lora", rank=4), {})
+        export.export_t2vunlearning(tmp_path / "x", EraserConfig(kind="lora", rank=4), {}, model)
     with pytest.raises(UnlearnError, match="cannot be merged"):
-        eraser_io.export_merged(tmp_path / "x", model, cfg, phi)
+        export.export_merged(tmp_path / "x", model, cfg, phi)
     with pytest.raises(UnlearnError, match="exports LoRA erasers"):
-        eraser_io.export_lora(tmp_path / "x", cfg, phi)
+        export.export_lora(tmp_path / "x", cfg, phi, model)
     assert not (tmp_path / "x").exists()
 
 

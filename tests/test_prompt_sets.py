@@ -8,7 +8,7 @@ import pytest
 from unlearn_jax import prompt_sets as PS
 from unlearn_jax.errors import UnlearnError
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval_prompts"
+PROMPTS = PS.resolve_prompt_set("nudity_cogvideox").parent  # the published sets, bundled with the package
 ITEM_KEYS = {"index", "name", "prompt", "seed", "seed_source"}
 
 
@@ -62,8 +62,6 @@ def test_one_implementation_re_exported():
 ])
 def test_load_published_prompt_sets(name, rows, extra):
     path = PROMPTS / name
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
     items = PS.load_prompt_set(path)
     assert len(items) == rows
     assert [it["index"] for it in items] == list(range(rows))
@@ -81,8 +79,6 @@ def test_load_published_prompt_sets(name, rows, extra):
 
 
 def test_published_prompt_set_columns_and_seeds():
-    if not PROMPTS.is_dir():
-        pytest.skip("published prompt sets not present")
     gen = PS.load_prompt_set(PROMPTS / "nudity_cogvideox.csv")
     assert gen[0]["seed"] == 90939 and gen[0]["seed_source"] == "seed" and gen[0]["concept"] == "naked body"
     assert gen[0]["name"] == "0000" and gen[7]["name"] == "0007"

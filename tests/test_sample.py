@@ -21,12 +21,14 @@ from diffusers import (
 from helpers_text import build_tiny_pipeline
 from unlearn_jax.cli import main as cli_main
 from unlearn_jax.errors import UnlearnError
-from unlearn_jax.generate import SamplingPlan, VideoGenerator, decoded_frames, jax_noise, torch_noise
+from unlearn_jax.families.cogvideox import decoded_frames
+from unlearn_jax.generate import SamplingPlan, VideoGenerator, jax_noise, torch_noise
 from unlearn_jax.video_io import read_mp4, write_mp4
+from repo_paths import MODEL_CONFIGS
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy_world"
-CONFIGS = Path("/work/shared/data/model_configs")
+CONFIGS = MODEL_CONFIGS
 CFG_2B = json.loads((CONFIGS / "cogvideox_2b_scheduler.json").read_text())
 CFG_5B = json.loads((CONFIGS / "cogvideox_5b_scheduler.json").read_text())
 TEXT_LEN = 16

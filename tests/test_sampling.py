@@ -19,8 +19,9 @@ from diffusers import (
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.sampling import guidance_scales, make_sampler, sample
 from unlearn_jax.schedulers import SchedulerConfig, make_schedule
+from repo_paths import MODEL_CONFIGS
 
-CONFIGS = Path("/work/shared/data/model_configs")
+CONFIGS = MODEL_CONFIGS
 CFG_2B = json.loads((CONFIGS / "cogvideox_2b_scheduler.json").read_text())
 CFG_5B = json.loads((CONFIGS / "cogvideox_5b_scheduler.json").read_text())
 B, F, C, H, W = 2, 2, 4, 4, 4          # latents; pixel size = 8x latent, 5 frames

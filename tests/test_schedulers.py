@@ -15,8 +15,9 @@ from unlearn_jax.errors import UnlearnError
 from unlearn_jax.schedulers import (
     SchedulerConfig, alphas_cumprod, ddpm_timesteps, init_state, make_schedule, step,
 )
+from repo_paths import MODEL_CONFIGS
 
-CONFIGS = Path("/work/shared/data/model_configs")
+CONFIGS = MODEL_CONFIGS
 CFG_2B = json.loads((CONFIGS / "cogvideox_2b_scheduler.json").read_text())
 CFG_5B = json.loads((CONFIGS / "cogvideox_5b_scheduler.json").read_text())
 SHAPE = (2, 3, 4, 5, 6)   # (B, F, C, H, W), tiny

@@ -14,8 +14,9 @@ from unlearn_jax.conversion import (LINEAR, SafetensorsReader, Target, iter_torc
                                     write_safetensors)
 from unlearn_jax.errors import ConversionError, ModelFamilyError
 from unlearn_jax.models import t5
+from repo_paths import MODEL_CONFIGS
 
-XXL_CONFIG = "/work/shared/data/model_configs/t5_v1_1_xxl_text_encoder.json"
+XXL_CONFIG = str(MODEL_CONFIGS / "t5_v1_1_xxl_text_encoder.json")
 # bf16 compute (fp32 residual stream, norms, softmax and `wo`) against the fp32 PyTorch reference:
 # max |error| <= BF16_RTOL * max |reference| on the tiny randomized models. Measured: ~3.5e-3
 # (transformers' own bf16 encoder: ~9e-3 against the same reference).

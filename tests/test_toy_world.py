@@ -99,10 +99,8 @@ def test_detector_reports_empty_video():
 # --------------------------------------------------------------------------------------------
 # The bundled toy model (assets/toy_world)
 # --------------------------------------------------------------------------------------------
-needs_asset = pytest.mark.skipif(not (ASSET / "toy_world.json").exists(), reason="assets/toy_world not built")
 
 
-@needs_asset
 def test_bundled_folder_layout_and_size():
     for sub in ("transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
                 "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer",
@@ -115,7 +113,6 @@ def test_bundled_folder_layout_and_size():
     assert info["training"]["command"] and info["data_recipe"]
 
 
-@needs_asset
 def test_bundled_tokenizer_is_word_level_and_encoder_matches_training():
     from unlearn_jax.text_encoding import _load_tokenizer, encode_prompts, tokenize_prompts
     from unlearn_jax.toy import model as toy_model
@@ -134,7 +131,6 @@ def test_bundled_tokenizer_is_word_level_and_encoder_matches_training():
     np.testing.assert_allclose(emb, ref, rtol=1e-5, atol=1e-5)
 
 
-@needs_asset
 def test_bundled_text_encoder_loads_in_transformers():
     torch = pytest.importorskip("torch")
     from transformers import AutoTokenizer, T5EncoderModel
@@ -151,7 +147,6 @@ def test_bundled_text_encoder_loads_in_transformers():
     np.testing.assert_allclose(encode_prompts(ASSET, prompts), ref, rtol=1e-4, atol=1e-4)
 
 
-@needs_asset
 def test_bundled_model_generates_the_prompted_colour():
     """A short generation through the project's sampler; the prompted colour comes out most times."""
     from unlearn_jax import load_transformer

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 # Modules that provide `register(subparsers)`; a module that is not installed yet is skipped.
-_SUBCOMMAND_MODULES = ("unlearn_jax.erase", "unlearn_jax.demo", "unlearn_jax.prompts_cli", "unlearn_jax.sample_cli",
+_SUBCOMMAND_MODULES = ("unlearn_jax.erase_cli", "unlearn_jax.demo", "unlearn_jax.prompts_cli", "unlearn_jax.sample_cli",
                        "unlearn_jax.eval_cli")
 
 

@@ -400,3 +400,100 @@ def iter_torch_tensors(table: RuleTable, leaves: Mapping[str, jax.Array], dtypes
 
     return specs, gen()
 
+
+
+# --------------------------------------------------------------------------------------------
+# The one generic loader / writer of a module (transformer, text encoder, VAE) by its rule table
+# --------------------------------------------------------------------------------------------
+def module_targets(abstract, *, dtype=None, mesh=None, rules=(), replicate: bool = False) -> dict[str, Target]:
+    """The JAX leaves a checkpoint fills, from a (shape-only) NNX module.
+
+    dtype: every leaf's dtype; None keeps the checkpoint's, "model" keeps the module's own
+        (mixed-precision modules: fp32 norms beside 16-bit weights).
+    mesh: place each leaf sharded by its logical axes (`rules`), or replicated with `replicate`.
+    """
+    from flax import nnx
+
+    from unlearn_jax.parallel import named_sharding
+
+    targets = {}
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+        shape = tuple(var.shape)
+        sharding = None
+        if mesh is not None:
+            if replicate:
+                sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            else:
+                sharding = named_sharding(var.get_metadata().get("out_sharding"), shape, mesh, rules)
+        leaf_dtype = np.dtype(var.dtype) if isinstance(dtype, str) and dtype == "model" else dtype
+        targets[".".join(map(str, path))] = Target(shape, leaf_dtype, sharding)
+    return targets
+
+
+def assemble(abstract, leaves: Mapping[str, jax.Array]):
+    """The module `abstract` with its parameters replaced by `leaves` (dotted path -> array)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        flat.append((path, var.replace(leaves[key]) if key in leaves else var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def load_into(abstract, reader, table: RuleTable, where: str, *, dtype=None, mesh=None, rules=(),
+              replicate: bool = False, progress: bool = False):
+    """Streams a checkpoint (`reader`: a `SafetensorsReader` or any object with its interface) into
+    the module `abstract` by `table`; every misfit raises one `ConversionError` listing all of them."""
+    targets = module_targets(abstract, dtype=dtype, mesh=mesh, rules=rules, replicate=replicate)
+    return assemble(abstract, load_params(reader, table, targets, where, progress=progress))
+
+
+def param_leaves(module) -> dict[str, jax.Array]:
+    """Flat {dotted path: array} of a module's parameters (the rule table's JAX side)."""
+    from flax import nnx
+
+    return {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def split_shards(specs, max_bytes: int) -> list[list[str]]:
+    """Keys in order, grouped into files of at most `max_bytes` (a tensor never spans two)."""
+    shards, cur, size = [], [], 0
+    for k, (shape, dt) in specs.items():
+        n = int(np.prod(shape)) * np.dtype(dt).itemsize
+        if cur and size + n > max_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += n
+    if cur or not shards:
+        shards.append(cur)
+    return shards
+
+
+def write_module(folder: Path, module, table: RuleTable, weights_name: str, dtype=None,
+                 max_shard_size: int = 10 * 2**30):
+    """Writes a module's parameters by `table` into `folder` as diffusers / transformers do: one
+    `weights_name` file, or numbered shards with a `<weights_name>.index.json` above `max_shard_size`.
+    `folder` is the caller's (temporary) output folder."""
+    wanted = {r.jax for r in table.rules}
+    leaves = {k: v for k, v in param_leaves(module).items() if k in wanted}
+    specs, tensors = iter_torch_tensors(table, leaves)
+    if dtype is not None:
+        specs = {k: (s, dtype) for k, (s, _) in specs.items()}
+        tensors = ((k, a.astype(dtype)) for k, a in tensors)
+    shards = split_shards(specs, max_shard_size)
+    if len(shards) == 1:
+        write_safetensors(folder / weights_name, tensors, specs)
+        return
+    stem, ext = weights_name.rsplit(".", 1)
+    weight_map, total = {}, 0
+    names = [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        sub = {k: specs[k] for k in keys}
+        write_safetensors(folder / name, (next(tensors) for _ in keys), sub)
+        weight_map.update({k: name for k in keys})
+        total += sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in sub.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")

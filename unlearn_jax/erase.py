@@ -19,6 +19,7 @@ import numpy as np
 
 from unlearn_jax.atomic import atomic_file
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.families.base import take_rows
 
 LOGGED = ("loss", "loss_unlearn", "loss_loc", "loss_pre", "grad_norm", "t", "j", "mask_fraction")
 
@@ -41,28 +42,24 @@ def _maybe_init_distributed(cfg):
     jax.distributed.initialize(**kw)
 
 
-def latent_shape(cfg, pipeline: Path, model) -> tuple[int, int, int, int]:
-    """(F, C, H, W) of the latents for the configured video size, from the pipeline's VAE config."""
-    mc = model.config
-    vae_cfg = pipeline / "vae" / "config.json"
-    spatial, temporal = 1, 1
-    if vae_cfg.exists():
-        v = json.loads(vae_cfg.read_text())
-        spatial = 2 ** (len(v.get("block_out_channels", [0, 0, 0, 0])) - 1)
-        temporal = int(v.get("temporal_compression_ratio", 4))
+def latent_shape(cfg, pipeline: Path, model) -> tuple[int, ...]:
+    """The latents of one video (no batch axis, the family's layout) for the configured video size,
+    checked as the family's pipeline checks it (VAE compression, patches)."""
+    from unlearn_jax import families
+
+    family = families.of_model(model)
+    vae_dir = pipeline / "vae"
+    vae_cfg = family.vae_config(vae_dir) if (vae_dir / "config.json").is_file() else None
     v = cfg.video
-    if v.height % spatial or v.width % spatial:
-        raise UnlearnError(f"config.video: height/width {v.height}x{v.width} must be multiples of the VAE's {spatial}")
-    f = (v.num_frames - 1) // temporal + 1
-    if mc.patch_size_t:
-        f += (-f) % mc.patch_size_t  # the pipeline pads latent frames to the temporal patch
-    h, w = v.height // spatial, v.width // spatial
-    if h % mc.patch_size or w % mc.patch_size:
-        raise UnlearnError(f"config.video: latent size {h}x{w} is not a multiple of patch_size {mc.patch_size}")
-    return f, mc.in_channels, h, w
+    try:
+        shape = family.video_shape(model.config, vae_cfg, v.num_frames, v.height, v.width)
+    except UnlearnError as e:
+        raise UnlearnError(f"config.video: {e}") from None
+    return shape.latent_shape
 
 
 def scheduler_config(cfg, pipeline: Path):
+    """The x_t sampler's scheduler: the pipeline's scheduler config run as `config.sampler.kind`."""
     from unlearn_jax.schedulers import SchedulerConfig
 
     path = pipeline / "scheduler" / "scheduler_config.json"
@@ -78,6 +75,7 @@ class Run:
         import jax
         from flax import nnx
 
+        from unlearn_jax import families
         from unlearn_jax.erase_data import build_erase_data, concept_specs
         from unlearn_jax.erasers import EraserConfig, eraser_axes, init_erasers
         from unlearn_jax.loading import load_transformer, resolve_transformer_dir
@@ -120,6 +118,8 @@ class Run:
             alpha_loc=cfg.erase.alpha_loc, beta_pre=cfg.erase.beta_pre if self.data.has_preservation else 0.0,
             mask_threshold=cfg.erase.mask_threshold, mask_mode=cfg.erase.mask_mode,
             mask_key_chunk=cfg.erase.mask_key_chunk, grad_clip=cfg.train.grad_clip)
+        if cfg.sampler.kind is None:  # resolved here, so config.json records the sampler the run used
+            cfg.sampler.kind = families.of_model(self.model).training_sampler(self.model.config)
         self.schedule = make_schedule(scheduler_config(cfg, self.pipeline), cfg.sampler.num_steps)
         self.optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.adam_b1, cfg.train.adam_b2,
                                         cfg.train.adam_eps, cfg.train.weight_decay, cfg.train.grad_clip)
@@ -170,12 +170,16 @@ class Run:
             # The bank's prompts are the pool's first entries: train on the prompt that made x_t.
             rows = np.array([self.bank["rows"][k][e] for k, e in zip(b["concept"], entries)])
             pre_rows = np.array([self.bank["pre_rows"][k][e] for k, e in zip(b["concept"], entries)])
-            b["ctx"], b["concept_idx"], b["concept_valid"] = (self.data.embeds[rows], self.data.concept_idx[rows],
+            b["ctx"], b["concept_idx"], b["concept_valid"] = (take_rows(self.data.embeds, rows),
+                                                              self.data.concept_idx[rows],
                                                               self.data.concept_valid[rows])
-            b["pre_ctx"] = self.data.embeds[np.maximum(pre_rows, 0)]
+            b["pre_ctx"] = take_rows(self.data.embeds, np.maximum(pre_rows, 0))
             b["pre_valid"] = (pre_rows >= 0).astype(np.float32)
+        import jax
+
         scalar = {"j", "t", "uncond"}
-        return {k: self._place(v, k not in scalar) for k, v in b.items() if k != "concept"}
+        return {k: jax.tree.map(lambda a, k=k: self._place(a, k not in scalar), v) for k, v in b.items()
+                if k != "concept"}
 
     def _build_bank(self) -> dict:
         """Frozen-model trajectories, sampled once: x_t is then read instead of sampled every step."""
@@ -206,8 +210,9 @@ class Run:
                 key = jax.random.key(int(rng.integers(0, 2**31)))
                 noise = jax.random.normal(key, (1, *self.latent_shape), jnp.float32)
                 uncond = self.data.uncond
-                x_k.append(np.asarray(traj(self.base, noise, self.data.embeds[rows[e]][None], uncond, key))[:, 0])
-                pctx = self.data.embeds[max(pre[e], 0)][None]
+                x_k.append(np.asarray(traj(self.base, noise, take_rows(self.data.embeds, [rows[e]]), uncond,
+                                           key))[:, 0])
+                pctx = take_rows(self.data.embeds, [max(pre[e], 0)])
                 xp_k.append(np.asarray(traj(self.base, jax.random.normal(jax.random.fold_in(key, 1), noise.shape),
                                             pctx, uncond, key))[:, 0])
                 bar.update(1)
@@ -393,22 +398,23 @@ class Run:
 
         @jax.jit
         def masks(base, x, ctx, idx, valid):
-            def qk(q, k, text_len, extra):
-                return O.concept_attention_map(q, k, text_len, idx, valid, s.mask_key_chunk)
+            def concept(view, extra):
+                return O.concept_attention_map(view, idx, valid, s.mask_key_chunk)
 
             _, aux = step.velocity(base, None, x, ctx, self.schedule.sample_timesteps[s.num_sampler_steps // 2],
-                                   qk_fn=qk)
-            return O.localization_masks(aux["qk"], step.grid, s.mask_threshold, s.mask_mode)
+                                   concept_fn=concept)
+            return O.localization_masks(aux["concept"], step.grid, s.mask_threshold, s.mask_mode)
+
 
         x = jax.random.normal(jax.random.key(self.cfg.seed), (1, *self.latent_shape), jnp.float32)
-        m = masks(self.base, x, self.data.embeds[row][None], self.data.concept_idx[row][None],
+        m = masks(self.base, x, take_rows(self.data.embeds, [row]), self.data.concept_idx[row][None],
                   self.data.concept_valid[row][None])
         m = _gather(m)
         return m[:, 0].reshape(m.shape[0], *step.grid)
 
     def export(self, phi) -> list[str]:
         """Writes the configured export formats of the trained erasers `phi` (host arrays)."""
-        from unlearn_jax import eraser_io
+        from unlearn_jax import eraser_io, export
 
         out = []
         for fmt in self.cfg.export.formats:
@@ -416,11 +422,11 @@ class Run:
             if fmt == "erasers":
                 eraser_io.save_erasers(target, self.eraser, phi, self.model.config)
             elif fmt == "t2vunlearning":
-                eraser_io.export_t2vunlearning(target, self.eraser, phi)
+                export.export_t2vunlearning(target, self.eraser, phi, self.model)
             elif fmt == "lora":
-                eraser_io.export_lora(target, self.eraser, phi)
+                export.export_lora(target, self.eraser, phi, self.model)
             elif fmt == "diffusers":
-                eraser_io.export_merged(target, self.model, self.eraser, phi)
+                export.export_merged(target, self.model, self.eraser, phi)
             out.append(str(target))
         return out
 
@@ -472,25 +478,3 @@ EXPORT_FORMATS = ("erasers", "t2vunlearning", "lora", "diffusers")
 
 def run_erase(cfg, progress: bool = True, stop_after_steps: int | None = None) -> dict:
     return Run(cfg, progress=progress).train(stop_after_steps)
-
-
-def register(sub):
-    p = sub.add_parser("erase", help="erase concepts: unlearn-jax erase --config configs/X.py [--config.a.b=v ...]")
-    p.add_argument("--config", required=True, help="an ml-collections config file (configs/*.py)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_main, takes_config_overrides=True)
-
-
-def _main(args) -> int:
-    from unlearn_jax.config import load_config
-
-    cfg = load_config(args.config, getattr(args, "config_overrides", []))
-    summary = run_erase(cfg, progress=not args.no_progress)
-    table = summary.pop("table", None)
-    print(json.dumps(summary, indent=2))
-    if table:
-        print(table)
-    if summary["status"] == "interrupted":
-        print(f"stopped at step {summary['step']} (SIGTERM); the checkpoint is saved: rerun the same command to resume",
-              file=sys.stderr)
-    return 0

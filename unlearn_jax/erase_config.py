@@ -40,7 +40,9 @@ def default_config() -> ConfigDict:
     c.sampler = ConfigDict()
     c.sampler.num_steps = 50  # J: DDIM steps of the x_t sampler
     c.sampler.guidance_scale = 3.0  # g_s of the x_t sampler
-    c.sampler.kind = "ddim"  # ddim | dpm (the pipeline's scheduler config, with this sampler kind)
+    # the x_t sampler: the pipeline's scheduler config run as this kind (ddim | dpm | flow_euler | ...);
+    # None: the model family's (CogVideoX: ddim), written into the run's config.json
+    c.sampler.kind = config_dict.placeholder(str)
     c.sampler.timestep_mode = "sampler"  # sampler: t = the timestep x_t sits at | esd_legacy
     c.sampler.xt_source = "current"  # current (erased model samples x_t) | frozen_bank
     c.sampler.bank_size = 8  # frozen_bank: trajectories per prompt pool

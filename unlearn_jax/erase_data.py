@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.families.base import take_rows as take
 
 
 @dataclasses.dataclass
@@ -29,13 +30,13 @@ class ConceptSpec:
 class EraseData:
     names: list[str]
     etas: np.ndarray  # (num_concepts,)
-    embeds: np.ndarray  # (P, L, D) every prompt of every pool
+    embeds: object  # the family's conditioning pytree of every prompt of every pool, leading axis P
     prompts: list[str]
     concept_idx: np.ndarray  # (P, K) int32 text positions of the concept phrase (padded)
     concept_valid: np.ndarray  # (P, K) bool
     pools: list[np.ndarray]  # per concept: rows of `embeds` in its prompt pool
     preserve: list[np.ndarray]  # per concept: rows of its preservation prompts (may be empty)
-    uncond: np.ndarray  # (1, L, D) the empty prompt
+    uncond: object  # the empty prompt's conditioning, leading axis 1
     seed: int = 0
 
     def rng(self, step: int) -> np.random.Generator:
@@ -49,11 +50,11 @@ class EraseData:
         pre_rows = np.array([rng.choice(self.preserve[k]) if len(self.preserve[k]) else -1 for k in ks])
         j = int(rng.integers(0, num_sampler_steps))
         return {
-            "ctx": self.embeds[rows],
+            "ctx": take(self.embeds, rows),
             "concept_idx": self.concept_idx[rows],
             "concept_valid": self.concept_valid[rows],
             "eta": self.etas[ks].astype(np.float32),
-            "pre_ctx": self.embeds[np.maximum(pre_rows, 0)],
+            "pre_ctx": take(self.embeds, np.maximum(pre_rows, 0)),
             "pre_valid": (pre_rows >= 0).astype(np.float32),
             "uncond": self.uncond,
             "j": np.int32(j),
@@ -124,16 +125,18 @@ def prompt_pools_for(specs: list[ConceptSpec], prompts_file: str | None, augment
 def build_erase_data(pipeline_dir: str | Path, specs: list[ConceptSpec], *, default_eta: float, prompts_file=None,
                      augment: str = "none", n_augment: int = 0, max_concept_tokens: int = 16,
                      token_fallback: str = "all", cache_dir=None, text_dtype=None, seed: int = 0) -> EraseData:
-    """Encodes every prompt with the pipeline's JAX T5 (through the embedding cache)."""
-    from transformers import AutoTokenizer
-
-    from unlearn_jax.prompts import EmbeddingCache, concept_token_mask
-    from unlearn_jax.text_encoding import encode_prompts, encoder_fingerprint, resolve_max_length
+    """Encodes every prompt with the pipeline's own text side (its family's: CogVideoX's T5, ...),
+    through the embedding cache."""
+    from unlearn_jax import families
+    from unlearn_jax.prompts import EmbeddingCache
 
     pipeline_dir = Path(pipeline_dir)
-    if not (pipeline_dir / "tokenizer").is_dir() or not (pipeline_dir / "text_encoder").is_dir():
-        raise UnlearnError(f"{pipeline_dir}: config.model.path must be a pipeline folder with tokenizer/ and "
-                           "text_encoder/ (the prompts are encoded with its T5)")
+    family = families.of_folder(pipeline_dir)
+    missing = [p for p in family.pipeline_parts if p != "transformer" and not (pipeline_dir / p).is_dir()]
+    if missing:
+        raise UnlearnError(f"{pipeline_dir}: config.model.path must be a pipeline folder with "
+                           f"{' and '.join(p + '/' for p in missing)} (the prompts are encoded with its text encoder)")
+    text = family.text(pipeline_dir)
     pools = prompt_pools_for(specs, prompts_file, augment, n_augment, seed)
     prompts, rows, pre_rows, owner = [], [], [], []
     for k, (pool, pre) in enumerate(pools):
@@ -143,19 +146,21 @@ def build_erase_data(pipeline_dir: str | Path, specs: list[ConceptSpec], *, defa
         pre_rows.append(np.arange(len(prompts), len(prompts) + len(pre)))
         prompts += pre
         owner += [-1] * len(pre)
-    max_length = resolve_max_length(pipeline_dir)
-    fp = encoder_fingerprint(pipeline_dir, max_length, dtype=text_dtype)
+    max_length = text.max_length
+    fp = text.fingerprint(dtype=text_dtype)
 
     def encode(batch):
-        return encode_prompts(pipeline_dir, list(batch), max_length=max_length, dtype=text_dtype)
+        return text.encode(list(batch), dtype=text_dtype)
 
     all_prompts = prompts + [""]
     if cache_dir is not None:
         embeds = EmbeddingCache(cache_dir).get_or_encode(all_prompts, fp, encode)
     else:
         embeds = encode(all_prompts)
-    embeds = np.asarray(embeds, np.float32)
-    tok = AutoTokenizer.from_pretrained(pipeline_dir / "tokenizer")
+    import jax
+
+    embeds = jax.tree.map(lambda a: np.asarray(a, np.float32) if np.issubdtype(np.asarray(a).dtype, np.floating)
+                          or np.asarray(a).dtype.name == "bfloat16" else np.asarray(a), embeds)
     mask = np.zeros((len(prompts), max_length), bool)
     concept_rows = [i for i, o in enumerate(owner) if o >= 0]
     for i in concept_rows:
@@ -163,12 +168,12 @@ def build_erase_data(pipeline_dir: str | Path, specs: list[ConceptSpec], *, defa
         # Any alias's tokens count; the fallback (no phrase found at all) applies to the main phrase.
         row = np.zeros(max_length, bool)
         for phrase in (spec.phrase, *spec.aliases):
-            row |= concept_token_mask(tok, [prompts[i]], [phrase], max_length, fallback="none")[0]
+            row |= text.concept_mask([prompts[i]], [phrase], fallback="none")[0]
         if not row.any():
-            row = concept_token_mask(tok, [prompts[i]], [spec.phrase], max_length, fallback=token_fallback)[0]
+            row = text.concept_mask([prompts[i]], [spec.phrase], fallback=token_fallback)[0]
         mask[i] = row
     idx, valid = indices_from_mask(mask, max_concept_tokens)
     etas = np.array([s.eta if s.eta is not None else default_eta for s in specs], np.float32)
-    return EraseData([s.phrase for s in specs], etas, embeds[:-1], prompts, idx, valid, rows, pre_rows,
-                     embeds[-1:], seed)
-
+    n = len(prompts)
+    return EraseData([s.phrase for s in specs], etas, take(embeds, slice(0, n)), prompts, idx, valid, rows, pre_rows,
+                     take(embeds, slice(n, n + 1)), seed)

@@ -1,30 +1,33 @@
 """Erasers: the trainable part of an erased model, kept apart from the frozen base weights.
 
 An eraser is a pytree `phi` of fp32 arrays with a leading layer axis, applied through the
-model's `Hooks`, so "erasers off" is just calling the model without them: no second copy of
-the base weights is ever made.
+model's `Hooks` (`models.hooks`) in the block stack the model family's `EraserSite` names, so
+"erasers off" is just calling the model without them: no second copy of the base weights is
+ever made.
 
-kinds (ALGORITHM.md §1):
+kinds (docs/METHOD.md §1):
 - "adapter": T2VUnlearning's adapter on the video part of each block's attention output,
   `a' = a + s * up(gelu(down(a)))` (exact GELU; `up` zero-initialised, so the erased model
   starts equal to the base model). Layout: down.kernel (L, dim, rank), down.bias (L, rank),
   up.kernel (L, rank, dim), up.bias (L, dim).
-- "lora": low-rank deltas on the attention projections, `W + s * A @ B` (B zero-initialised).
-  Layout: {proj: {"a": (L, in, rank), "b": (L, rank, out)}}, proj in to_q/to_k/to_v/to_out.
+- "lora": low-rank deltas on the site attention's projections, `W + s * A @ B` (B
+  zero-initialised). Layout: {proj: {"a": (L, in, rank), "b": (L, rank, out)}}, proj in
+  to_q/to_k/to_v/to_out.
 - "attn" / "full": fine-tuned copies of a block's attention weights / all of its weights.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from unlearn_jax.errors import UnlearnError
-from unlearn_jax.models.cogvideox import CogVideoXTransformer, Hooks
+from unlearn_jax.families.base import EraserSite
+from unlearn_jax.models.hooks import Hooks
 
 KINDS = ("adapter", "lora", "attn", "full")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
@@ -53,37 +56,55 @@ def _torch_linear_uniform(key, shape, fan_in):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
-def _block_params(model: CogVideoXTransformer) -> dict[str, jax.Array]:
-    """Flat dotted path -> stacked array of the blocks' parameters."""
-    return {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model.blocks, nnx.Param))}
+def site_of(model) -> EraserSite:
+    """The eraser site of a (possibly abstract or erased) model, from its family."""
+    from unlearn_jax import families
+
+    return families.of_model(model).eraser_site(model.config)
 
 
-def _is_attn_path(path: str) -> bool:
-    return path.startswith("attn1.")
+def _stack(model, site: EraserSite):
+    return getattr(getattr(model, "base", model), site.stack)
 
 
-def init_erasers(cfg: EraserConfig, model: CogVideoXTransformer, key) -> dict:
+def block_params(model, site: EraserSite | None = None) -> dict[str, jax.Array]:
+    """Flat dotted path -> stacked array of the eraser stack's parameters."""
+    site = site or site_of(model)
+    return {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(_stack(model, site), nnx.Param))}
+
+
+def _keeps(cfg: EraserConfig, site: EraserSite):
+    """Which block parameters an attn / full eraser fine-tunes."""
+    if cfg.kind == "attn":
+        return lambda path: path.startswith(site.attention + ".")
+    return lambda path: True
+
+
+def init_erasers(cfg: EraserConfig, model, key) -> dict:
     """Fresh trainable parameters (fp32) for `model`; the erased model starts equal to the base."""
-    mc = model.config
-    L, dim, r = mc.num_layers, mc.inner_dim, cfg.rank
+    site = site_of(model)
+    L, dim, r = site.num_layers, site.dim, cfg.rank
     if cfg.kind == "adapter":
         k1, k2 = jax.random.split(key)
         return {"down": {"kernel": _torch_linear_uniform(k1, (L, dim, r), dim),
                          "bias": _torch_linear_uniform(k2, (L, r), dim)},
                 "up": {"kernel": jnp.zeros((L, r, dim), jnp.float32), "bias": jnp.zeros((L, dim), jnp.float32)}}
     if cfg.kind == "lora":
+        unknown = [t for t in cfg.lora_targets if t not in site.lora_targets]
+        if unknown:
+            raise UnlearnError(f"lora_targets {unknown}: this model's erasers can target {sorted(site.lora_targets)}")
         out = {}
         for i, name in enumerate(cfg.lora_targets):
-            out[name] = {"a": _torch_linear_uniform(jax.random.fold_in(key, i), (L, dim, r), dim),
-                         "b": jnp.zeros((L, r, dim), jnp.float32)}
+            din, dout = site.lora_targets[name]
+            out[name] = {"a": _torch_linear_uniform(jax.random.fold_in(key, i), (L, din, r), din),
+                         "b": jnp.zeros((L, r, dout), jnp.float32)}
         return out
-    params = _block_params(model)
-    keep = _is_attn_path if cfg.kind == "attn" else (lambda p: True)
+    keep = _keeps(cfg, site)
     # A real copy: an fp32 base leaf would otherwise be the same buffer, and training donates phi.
-    return {p: jnp.array(v, dtype=jnp.float32, copy=True) for p, v in params.items() if keep(p)}
+    return {p: jnp.array(v, dtype=jnp.float32, copy=True) for p, v in block_params(model, site).items() if keep(p)}
 
 
-def eraser_axes(cfg: EraserConfig, phi: dict, model: CogVideoXTransformer | None = None) -> dict:
+def eraser_axes(cfg: EraserConfig, phi: dict, model=None) -> dict:
     """Logical axis names of every eraser leaf (for sharding them like the model)."""
     if cfg.kind == "adapter":
         return {"down": {"kernel": ("layers", "embed", "rank"), "bias": ("layers", "rank")},
@@ -92,8 +113,9 @@ def eraser_axes(cfg: EraserConfig, phi: dict, model: CogVideoXTransformer | None
         return {n: {"a": ("layers", "embed", "rank"), "b": ("layers", "rank", "heads")} for n in phi}
     if model is None:
         raise ValueError("fine-tuned erasers take their axes from the model")
+    site = site_of(model)
     axes = {".".join(map(str, p)): v.get_metadata().get("out_sharding")
-            for p, v in nnx.to_flat_state(nnx.state(model.blocks, nnx.Param))}
+            for p, v in nnx.to_flat_state(nnx.state(_stack(model, site), nnx.Param))}
     return {p: axes[p] for p in phi}
 
 
@@ -136,17 +158,17 @@ def eraser_hooks(cfg: EraserConfig, phi: dict | None, scale: float | jax.Array |
 
         return Hooks(on_video_attn=on_video_attn), phi
     if cfg.kind == "lora":
-        def edit_layer(layer_state, extra):
+        def edit_layer(layer_state, extra, attention):
             base = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(layer_state)}
             new = {}
             for name, ab in extra.items():
-                k = f"attn1.{name}.kernel"
+                k = f"{attention}.{name}.kernel"
                 new[k] = base[k].astype(jnp.float32) + s * (ab["a"] @ ab["b"])
             return _replace_leaves(layer_state, new)
 
         return Hooks(edit_layer=edit_layer), phi
 
-    def edit_layer(layer_state, extra):
+    def edit_layer(layer_state, extra, attention):
         return _replace_leaves(layer_state, extra)
 
     return Hooks(edit_layer=edit_layer), phi
@@ -156,9 +178,90 @@ def count_params(phi) -> int:
     return int(sum(x.size for x in jax.tree.leaves(phi)))
 
 
-def attach_erasers(model, erasers):
-    """`model` with erasers attached (an `eraser_io.ErasedTransformer`): `erasers` is an eraser folder
-    (ours or the published T2VUnlearning format) or an `(EraserConfig, phi)` pair."""
-    from unlearn_jax.eraser_io import attach_erasers as _attach
+def model_and_site(model):
+    """(abstract-or-real model, site) of a model, an erased model, or a transformer config."""
+    from unlearn_jax import families
 
-    return _attach(model, erasers)
+    model = getattr(model, "base", model)
+    if hasattr(model, "config"):
+        return model, site_of(model)
+    family = families.of_config(model)
+    return None, family.eraser_site(model)
+
+
+def eraser_shapes(cfg: EraserConfig, model) -> dict[str, tuple]:
+    """Flat key -> shape of every eraser leaf `cfg` gives for `model` (a model or its config)."""
+    base, site = model_and_site(model)
+    L, D, r = site.num_layers, site.dim, cfg.rank
+    if cfg.kind == "adapter":
+        return {"down.kernel": (L, D, r), "down.bias": (L, r), "up.kernel": (L, r, D), "up.bias": (L, D)}
+    if cfg.kind == "lora":
+        out = {}
+        for t in cfg.lora_targets:
+            din, dout = site.lora_targets[t]
+            out[f"{t}.a"], out[f"{t}.b"] = (L, din, r), (L, r, dout)
+        return out
+    if base is None:
+        from unlearn_jax import families
+
+        base = families.of_config(model).abstract_transformer(model)
+    keep = _keeps(cfg, site)
+    stack = nnx.state(_stack(base, site), nnx.Param)
+    return {k: s for k, s in ((".".join(map(str, p)), tuple(v.shape)) for p, v in nnx.to_flat_state(stack)) if keep(k)}
+
+
+def flatten_phi(phi) -> dict[str, Any]:
+    """Nested phi -> {dotted key: array} (attn/full phi is flat already)."""
+    out = {}
+    for k, v in phi.items():
+        if isinstance(v, Mapping):
+            out.update({f"{k}.{kk}": vv for kk, vv in flatten_phi(v).items()})
+        else:
+            out[k] = v
+    return out
+
+
+def check_phi(cfg: EraserConfig, phi, model, where: str):
+    """Every eraser leaf present with the shape `model` needs; one error lists every problem."""
+    from unlearn_jax.errors import ConversionError
+
+    want = eraser_shapes(cfg, model)
+    got = {k: tuple(jnp.shape(v)) for k, v in flatten_phi(phi).items()}
+    problems = [f"missing {k}" for k in want if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in want]
+    problems += [f"{k}: {got[k]}, expected {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if problems:
+        raise ConversionError(f"{where}: {cfg.kind} erasers do not fit the model: " + "; ".join(problems[:20]))
+
+
+def merge_erasers(model, cfg: EraserConfig, phi, scale=None):
+    """A copy of `model` whose eraser-stack weights have the erasers folded in: `W + s * a @ b` for
+    LoRA, the fine-tuned weights for attn / full. Adapters are nonlinear and cannot be merged."""
+    model = getattr(model, "base", model)  # an erased model: its base
+    if cfg.kind == "adapter":
+        raise UnlearnError("adapter erasers cannot be merged into the base weights (the adapter is nonlinear): "
+                           "export them with --format t2vunlearning and attach them with "
+                           "unlearn_jax.torch.attach_erasers")
+    check_phi(cfg, phi, model, "merge_erasers")
+    site = site_of(model)
+    s = cfg.scale if scale is None else scale
+    new = {}
+    if cfg.kind == "lora":
+        base = block_params(model, site)
+        for name, ab in phi.items():
+            k = f"{site.attention}.{name}.kernel"
+            delta = jnp.einsum("lir,lro->lio", jnp.asarray(ab["a"], jnp.float32), jnp.asarray(ab["b"], jnp.float32),
+                               precision=jax.lax.Precision.HIGHEST)
+            new[k] = base[k].astype(jnp.float32) + s * delta
+    else:
+        new = dict(phi)
+    graphdef, state = nnx.split(model)
+    prefix = site.stack + "."
+    flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        sub = key[len(prefix):] if key.startswith(prefix) else None
+        if sub in new:
+            var = var.replace(jnp.asarray(new[sub]).astype(var[...].dtype))
+        flat.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

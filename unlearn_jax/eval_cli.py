@@ -24,7 +24,7 @@ from unlearn_jax.errors import UnlearnError
 def register(sub):
     p = sub.add_parser("eval", help="measure the original and the erased model on prompt sets (or the toy world)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="a diffusers CogVideoX pipeline folder (or the toy world's)")
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder (CogVideoX, ...; or the toy world's)")
     p.add_argument("--erasers", default=None, help="trained erasers; without it only the original model is measured")
     p.add_argument("--out-dir", required=True, help="results go here (reruns resume)")
     g = p.add_argument_group("prompt sets (real models)")
@@ -47,8 +47,10 @@ def register(sub):
     m.add_argument("--erased", default=None, help="face/object metrics: the erased identity or class")
     s = p.add_argument_group("generation")
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the toy world 25)")
-    s.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6)")
-    s.add_argument("--sampler", default=None, choices=["ddim", "dpm"], help="default: ddim for 2B, dpm for RoPE models")
+    s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's, 6 for "
+                                                                 "CogVideoX and the toy world)")
+    s.add_argument("--sampler", default=None, help="the family's samplers (CogVideoX: ddim | dpm); default: the "
+                                                   "pipeline's (CogVideoX: ddim for 2B, dpm for RoPE models)")
     s.add_argument("--dynamic-cfg", default=None, action=argparse.BooleanOptionalAction,
                    help="the pipeline's cosine guidance ramp (default: on with dpm)")
     s.add_argument("--num-frames", type=int, default=None)
@@ -94,7 +96,8 @@ def _toy(a, model: Path) -> int:
     erased_concepts = E.check_concept_names(a.erased_concepts, "--erased-concepts")
     if erased_concepts and a.erasers is None:
         raise UnlearnError("--erased-concepts needs --erasers")
-    cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps, guidance_scale=a.guidance)
+    cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps,
+                       guidance_scale=E.EvalConfig.guidance_scale if a.guidance is None else a.guidance)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if a.erasers is None:
@@ -136,7 +139,7 @@ def _prompt_sets(a, model: Path) -> int:
                             erased=a.erased)
     if not metrics:
         raise UnlearnError(f"--metrics {a.metrics}: no metric can run (see the messages above)")
-    plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps or 50,
+    plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps,
                                 guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
                                 height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size)
     from unlearn_jax.text_encoding import EncoderCache

@@ -1,18 +1,19 @@
-"""Text-to-video generation in JAX from a diffusers CogVideoX pipeline folder (`unlearn-jax sample`).
+"""Text-to-video generation in JAX from a diffusers pipeline folder of any supported family (`unlearn-jax sample`).
 
     gen = VideoGenerator.from_pipeline("/models/CogVideoX-2b", erasers="runs/nudity/export/erasers")
     videos = gen.generate(["a cat on a sofa"], seeds=[42])   # (1, 49, 480, 720, 3) float32 in [0, 1]
 
-It computes what `CogVideoXPipeline.__call__` computes, with the project's parts: the T5 prompt
-embeddings (`text_encoding.encode_prompts`, the pipeline's `encode_prompt`), the guided sampler
+It computes what the family's pipeline `__call__` computes, with the project's parts, each the
+folder's family provides (`families`): the prompt conditioning (CogVideoX: the T5 embeddings of
+`text_encoding.encode_prompts`, the pipeline's `encode_prompt`), the guided sampler
 (`sampling.sample`, the pipeline's denoising loop: one batched [uncond; cond] call per step, the
-dynamic-CFG ramp), the JAX transformer (with trained erasers when asked) and the JAX VAE;
-frames are post-processed as the pipeline's `output_type="np"`:
-latents -> 1/scaling_factor -> VAE decode -> (x/2 + 0.5).clip(0, 1) -> (F, H, W, 3).
-A pipeline folder without `vae/` (the bundled toy world) samples pixels directly: its
-"latents" are frames in [-1, 1], returned as clip((x + 1) / 2, 0, 1).
+dynamic-CFG ramp), the JAX transformer (with trained erasers when asked) and the JAX VAE; frames
+are post-processed as the pipeline's `output_type="np"` (CogVideoX: latents -> 1/scaling_factor ->
+VAE decode -> (x/2 + 0.5).clip(0, 1) -> (F, H, W, 3)). A CogVideoX folder without `vae/` (the
+bundled toy world) samples pixels directly: its "latents" are frames in [-1, 1], returned as
+clip((x + 1) / 2, 0, 1).
 
-Defaults follow the pipeline and the models' own examples:
+Defaults follow the pipeline and the models' own examples (CogVideoX's here):
 - video size: the pipeline's, from the transformer config (`sample_frames`, `sample_height` and
   `sample_width` times the VAE's spatial factor): 49 frames of 480x720 for CogVideoX-2B/5B.
   For CogVideoX1.5 pass the size its model card recommends (e.g. 81 frames, 768x1360).
@@ -40,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-import math
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -49,33 +49,26 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from unlearn_jax import families
+from unlearn_jax.checks import finite_number as _number
+from unlearn_jax.checks import positive_int as _int
+from unlearn_jax.dtypes import NAMES as DTYPES
+from unlearn_jax.dtypes import dtype_name as _dtype_name
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.families.base import VideoShape, leading_size
+from unlearn_jax.families.base import take_rows as take
 from unlearn_jax.prompt_sets import MAX_SEED, check_seed  # noqa: F401  (re-exported: they used to live here)
 from unlearn_jax.sampling import sample, uses_cfg
 from unlearn_jax.schedulers import SchedulerConfig, make_schedule
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("ddim", "dpm")
 NOISE_SOURCES = ("jax", "torch")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 # --------------------------------------------------------------------------------------------
 # Argument checks (one-line errors)
 # --------------------------------------------------------------------------------------------
-def _int(name: str, value, lo: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise UnlearnError(f"{name} = {value!r} is invalid; expected an integer >= {lo}")
-    return int(value)
-
-
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(float(value)):
-        raise UnlearnError(f"{name} = {value!r} is invalid; expected a finite number")
-    return float(value)
-
-
 def _check_noise(noise: str):
     if noise not in NOISE_SOURCES:
         raise UnlearnError(f"noise = {noise!r} is invalid; expected one of {', '.join(NOISE_SOURCES)}")
@@ -84,27 +77,15 @@ def _check_noise(noise: str):
                            "(pip install -e '.[torch]'); use noise='jax' otherwise")
 
 
-def _dtype_name(dtype) -> str:
-    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    if not isinstance(dtype, str):
-        try:
-            dtype = jnp.dtype(dtype).name
-        except TypeError:
-            raise UnlearnError(f"dtype = {dtype!r} is invalid; expected one of {', '.join(DTYPES)}") from None
-    dtype = aliases.get(dtype, dtype)
-    if dtype not in DTYPES:
-        raise UnlearnError(f"dtype = {dtype!r} is invalid; expected one of {', '.join(DTYPES)}")
-    return dtype
-
-
 # --------------------------------------------------------------------------------------------
 # The pipeline folder
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class PipelineFolder:
-    """The parts of a diffusers CogVideoX pipeline folder that sampling reads."""
+    """The parts of a diffusers pipeline folder that sampling reads, and the family that reads them."""
 
     root: Path
+    family: families.Family
     transformer: Path
     scheduler_config: Path
     vae: Path | None          # None: the transformer works on pixels (no VAE)
@@ -112,14 +93,20 @@ class PipelineFolder:
     @classmethod
     def open(cls, path) -> "PipelineFolder":
         root = Path(path)
-        hint = "point to a diffusers CogVideoX pipeline folder (transformer/, scheduler/, tokenizer/, text_encoder/, vae/)"
+        hint = "point to a diffusers pipeline folder (transformer/, scheduler/, tokenizer/, text_encoder/, vae/)"
         if not root.exists():
             raise UnlearnError(f"{root}: no such folder; {hint}")
         if not root.is_dir():
             raise UnlearnError(f"{root}: not a folder; {hint}")
+        # the parts every family's pipeline has, before the family is read from them
         missing = [p for p in ("transformer", "tokenizer", "text_encoder") if not (root / p).is_dir()]
         if missing:
             raise UnlearnError(f"{root}: no {'/, '.join(missing)}/ folder; {hint}")
+        family = families.of_folder(root)
+        missing = [p for p in family.pipeline_parts if not (root / p).is_dir()]
+        if missing:
+            raise UnlearnError(f"{root}: no {'/, '.join(missing)}/ folder; point to a diffusers {family.title} "
+                               f"pipeline folder ({', '.join(p + '/' for p in family.pipeline_parts)} scheduler/)")
         sched = root / "scheduler" / "scheduler_config.json"
         if not sched.is_file():
             raise UnlearnError(f"{root}: no scheduler/scheduler_config.json; {hint}")
@@ -135,102 +122,28 @@ class PipelineFolder:
                 raise UnlearnError(f"{root}: model_index.json names a VAE but there is no vae/ folder")
             vae = None
         elif not (vae / "config.json").is_file():
-            raise UnlearnError(f"{vae}: no config.json (a diffusers AutoencoderKLCogVideoX folder)")
-        return cls(root, root / "transformer", sched, vae)
+            raise UnlearnError(f"{vae}: no config.json (a diffusers VAE folder)")
+        return cls(root, family, root / "transformer", sched, vae)
 
     def transformer_config(self):
-        from unlearn_jax.loading import ORBAX_MARKER
-        from unlearn_jax.models.cogvideox import CogVideoXConfig
+        from unlearn_jax.families import ORBAX_MARKER
+        from unlearn_jax.jsonfiles import read_json_object
 
         if (self.transformer / "config.json").is_file():
-            return CogVideoXConfig.from_json(self.transformer / "config.json")
+            path = self.transformer / "config.json"
+            return self.family.transformer_config(read_json_object(path, "transformer config"), str(path))
         if (self.transformer / ORBAX_MARKER).is_file():
-            from unlearn_jax.jsonfiles import read_json_object
-
             meta = read_json_object(self.transformer / ORBAX_MARKER)
-            return CogVideoXConfig.from_dict(meta.get("config", {}), str(self.transformer / ORBAX_MARKER))
-        raise UnlearnError(f"{self.transformer}: no config.json (a diffusers CogVideoXTransformer3DModel folder)")
+            return self.family.transformer_config(meta.get("config", {}), str(self.transformer / ORBAX_MARKER))
+        raise UnlearnError(f"{self.transformer}: no config.json (a diffusers {self.family.transformer_class} folder)")
 
     def vae_config(self):
-        if self.vae is None:
-            return None
-        from unlearn_jax.models.cogvideox_vae import VAEConfig
-
-        return VAEConfig.from_json(self.vae / "config.json")
-
-
-# --------------------------------------------------------------------------------------------
-# Shapes
-# --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class VideoShape:
-    """Pixel size of the videos and the latent grid the sampler runs on."""
-
-    num_frames: int
-    height: int
-    width: int
-    latent_frames: int      # including `pad_frames` (CogVideoX1.5 pads to its temporal patch)
-    channels: int
-    latent_height: int
-    latent_width: int
-    pad_frames: int = 0
-
-    @property
-    def noise_shape(self) -> tuple[int, int, int, int, int]:
-        """(1, F, C, h, w): the shape the pipeline's `prepare_latents` draws for one video."""
-        return (1, self.latent_frames, self.channels, self.latent_height, self.latent_width)
-
-
-def decoded_frames(latent_frames: int, temporal_levels: int) -> int:
-    """How many frames the CogVideoX VAE decodes from `latent_frames` (its frame chunks of two, the
-    first taking the odd one out; each temporal upsampling doubles a chunk, keeping the first frame
-    of an odd chunk apart)."""
-    from unlearn_jax.models.cogvideox_vae import LATENT_FRAMES_PER_CHUNK, frame_chunks
-
-    total = 0
-    for start, end in frame_chunks(latent_frames, LATENT_FRAMES_PER_CHUNK):
-        c = end - start
-        for _ in range(temporal_levels):
-            c = c if c == 1 else (2 * c - 1 if c % 2 else 2 * c)
-        total += c
-    return total
+        return None if self.vae is None else self.family.vae_config(self.vae)
 
 
 def video_shape(model_cfg, vae_cfg, num_frames=None, height=None, width=None) -> VideoShape:
-    """The pipeline's video size (defaults from the transformer config, as `CogVideoXPipeline`)
-    checked against the VAE's compression and the transformer's patches."""
-    if vae_cfg is not None:
-        spatial, temporal = vae_cfg.spatial_ratio, int(vae_cfg.temporal_compression_ratio)
-    else:
-        spatial, temporal = 1, 1
-    if num_frames is None:
-        num_frames = model_cfg.sample_frames if vae_cfg is not None else \
-            (model_cfg.sample_frames - 1) // model_cfg.temporal_compression_ratio + 1
-    height = model_cfg.sample_height * spatial if height is None else height
-    width = model_cfg.sample_width * spatial if width is None else width
-    num_frames, height, width = _int("num_frames", num_frames), _int("height", height), _int("width", width)
-    f = (num_frames - 1) // temporal + 1
-    if vae_cfg is not None and decoded_frames(f, vae_cfg.temporal_compress_level) != num_frames:
-        # the VAE decodes latent frames two at a time (the first chunk takes an odd one out): only an odd
-        # number of latent frames gives back 1 + temporal * (latent frames - 1) frames
-        period = 2 * temporal
-        lo = (num_frames - 1) // period * period + 1
-        raise UnlearnError(f"num_frames = {num_frames} does not fit the VAE (temporal compression {temporal}, "
-                           f"decoded two latent frames at a time): use 1 + a multiple of {period}, "
-                           f"e.g. {lo} or {lo + period}")
-    step = spatial * model_cfg.patch_size
-    for name, v in (("height", height), ("width", width)):
-        if v % step:
-            what = f"the VAE's {spatial}x compression times patch_size {model_cfg.patch_size}" if vae_cfg is not None \
-                else f"patch_size {model_cfg.patch_size}"
-            raise UnlearnError(f"{name} = {v} is not a multiple of {step} ({what})")
-    h, w = height // spatial, width // spatial
-    if model_cfg.use_learned_positional_embeddings and (h, w) != (model_cfg.sample_height, model_cfg.sample_width):
-        raise UnlearnError(f"this model's learned positional embeddings fix the video to "
-                           f"{model_cfg.sample_height * spatial}x{model_cfg.sample_width * spatial}; "
-                           f"got {height}x{width}")
-    pad = (-f) % model_cfg.patch_size_t if model_cfg.patch_size_t else 0
-    return VideoShape(num_frames, height, width, f + pad, model_cfg.in_channels, h, w, pad)
+    """The pipeline's video size for a transformer config of any family (`Family.video_shape`)."""
+    return families.of_config(model_cfg).video_shape(model_cfg, vae_cfg, num_frames, height, width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,35 +235,35 @@ class SamplingPlan:
     batch_size: int
 
     @classmethod
-    def resolve(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int = 50,
-                guidance_scale: float = 6.0, use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
-                height: int | None = None, width: int | None = None, noise: str = "jax", vae_tiling=None,
-                batch_size: int = 1) -> "SamplingPlan":
+    def resolve(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int | None = None,
+                guidance_scale: float | None = None, use_dynamic_cfg: bool | None = None,
+                num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                noise: str = "jax", vae_tiling=None, batch_size: int = 1) -> "SamplingPlan":
+        """None = the family pipeline's default (sampler, steps, guidance, dynamic CFG, video size)."""
         folder = PipelineFolder.open(path)
+        family = folder.family
         dtype = _dtype_name(dtype)
         model_cfg = folder.transformer_config()
         vae_cfg = folder.vae_config()
+        defaults = family.sampler_defaults(model_cfg)
         if sampler is None:
-            sampler = "dpm" if model_cfg.use_rotary_positional_embeddings else "ddim"
-        if sampler not in SAMPLERS:
-            raise UnlearnError(f"sampler = {sampler!r} is invalid; expected one of {', '.join(SAMPLERS)}")
+            sampler = defaults.sampler
+        if sampler not in family.samplers:
+            raise UnlearnError(f"sampler = {sampler!r} is invalid; expected one of {', '.join(family.samplers)} "
+                               f"(the samplers of {family.title} pipelines)")
         if use_dynamic_cfg is None:
-            use_dynamic_cfg = sampler == "dpm"
+            use_dynamic_cfg = family.default_dynamic_cfg(sampler)
         elif not isinstance(use_dynamic_cfg, (bool, np.bool_)):
             raise UnlearnError(f"use_dynamic_cfg = {use_dynamic_cfg!r} is invalid; expected true or false")
-        num_steps = _int("num_steps", num_steps)
-        guidance_scale = _number("guidance_scale", guidance_scale)
+        num_steps = _int("num_steps", defaults.num_steps if num_steps is None else num_steps)
+        guidance_scale = _number("guidance_scale", defaults.guidance_scale if guidance_scale is None else guidance_scale)
         batch_size = _int("batch_size", batch_size)
         _check_noise(noise)
-        if vae_tiling is not None and not isinstance(vae_tiling, bool):
-            from unlearn_jax.models.cogvideox_vae import TileSpec
-
-            if not isinstance(vae_tiling, TileSpec):
-                raise UnlearnError(f"vae_tiling = {vae_tiling!r} is invalid; expected None, true, false or a TileSpec")
-        if vae_cfg is None and model_cfg.in_channels != 3:
+        family.check_tiling(vae_tiling)
+        shape = family.video_shape(model_cfg, vae_cfg, num_frames, height, width)
+        if vae_cfg is None and shape.channels != 3:
             raise UnlearnError(f"{folder.root}: no vae/ folder, so the transformer must work on RGB pixels "
-                               f"(in_channels 3); it has in_channels {model_cfg.in_channels}")
-        shape = video_shape(model_cfg, vae_cfg, num_frames, height, width)
+                               f"(in_channels 3); it has in_channels {shape.channels}")
         if erasers is not None:
             erasers = Path(erasers)
             if not erasers.is_dir():
@@ -363,6 +276,29 @@ class SamplingPlan:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
         return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
                          self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling)
+
+
+def _given_conditioning(value, what: str):
+    """A user's precomputed conditioning: an (N, L, D) embeddings array, or a dict of arrays (N, ...)."""
+    if isinstance(value, dict):
+        if not value:
+            raise UnlearnError(f"{what}: an empty dict")
+        out = {k: np.asarray(v) for k, v in value.items()}
+        out = {k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v for k, v in out.items()}
+        sizes = {v.shape[0] if v.ndim else None for v in out.values()}
+        if len(sizes) != 1 or None in sizes:
+            raise UnlearnError(f"{what}: every array needs the same leading (prompt) axis; got "
+                               f"{ {k: v.shape for k, v in out.items()} }")
+        return out
+    ctx = np.asarray(value, np.float32)
+    if ctx.ndim != 3:
+        raise UnlearnError(f"{what} must be (N, text_len, dim); got shape {ctx.shape}")
+    return ctx
+
+
+def _cast(cond, dtype):
+    """The conditioning's floating leaves in the compute dtype (masks and ids keep theirs)."""
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, cond)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,6 +319,7 @@ class VideoGenerator:
                  batch_size: int = 1, mesh=None, progress: bool = True, encoder_cache=None):
         """encoder_cache: a `text_encoding.EncoderCache` to share the loaded T5 with other generators
         (e.g. an original and an erased model in one evaluation); default: this generator's own."""
+        self.family = families.of_model(model)
         self.model, self.scheduler, self.shape, self.vae = model, scheduler, shape, vae
         self.pipeline_dir = None if pipeline_dir is None else Path(pipeline_dir)
         self.sampler = scheduler.kind if sampler is None else sampler
@@ -404,18 +341,20 @@ class VideoGenerator:
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
-    def from_pipeline(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int = 50,
-                      guidance_scale: float = 6.0, use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
+    def from_pipeline(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None,
+                      num_steps: int | None = None, guidance_scale: float | None = None,
+                      use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, noise: str = "jax", vae_tiling=None,
                       batch_size: int = 1, mesh=None, progress: bool = True, **runtime) -> "VideoGenerator":
-        """Reads a diffusers CogVideoX pipeline folder (transformer/, scheduler/, tokenizer/,
-        text_encoder/ and vae/, which may be absent for pixel-space models).
+        """Reads a diffusers pipeline folder of any supported family (CogVideoX: transformer/, scheduler/,
+        tokenizer/, text_encoder/ and vae/, which may be absent for pixel-space models).
 
         erasers: a folder of trained erasers (ours or the published format) to attach.
         dtype: parameters and compute of the transformer, text encoder and VAE (the pipeline's
             torch_dtype): "bfloat16" (default), "float32" or "float16".
-        sampler: "ddim" | "dpm" | None (DDIM for models without RoPE, DPM for RoPE models).
-        use_dynamic_cfg: None = on for DPM, off for DDIM.
+        sampler / num_steps / guidance_scale: None = the family pipeline's defaults (CogVideoX: DDIM for
+            models without RoPE, DPM for RoPE models; 50 steps; guidance 6).
+        use_dynamic_cfg: None = the family's default for the sampler (CogVideoX: on for DPM, off for DDIM).
         num_frames / height / width: None = the pipeline's defaults (transformer config).
         noise: "jax" or "torch" (see the module docstring).
         vae_tiling: None/True tile frames larger than the VAE's tile (`enable_tiling()`), False
@@ -438,9 +377,7 @@ class VideoGenerator:
         model = load_transformer(plan.folder.root, dtype=plan.dtype, mesh=mesh, erasers=plan.erasers, **runtime)
         vae = None
         if plan.folder.vae is not None:
-            from unlearn_jax.models.cogvideox_vae import load_vae
-
-            vae = load_vae(plan.folder.vae, dtype=plan.dtype, mesh=mesh)
+            vae = plan.folder.family.load_vae(plan.folder.vae, dtype=plan.dtype, mesh=mesh)
         return cls(model, plan.scheduler, plan.shape, pipeline_dir=plan.folder.root, vae=vae, sampler=plan.sampler,
                    num_steps=plan.num_steps, guidance_scale=plan.guidance_scale, use_dynamic_cfg=plan.use_dynamic_cfg,
                    dtype=plan.dtype, noise=plan.noise, vae_tiling=plan.vae_tiling, batch_size=plan.batch_size,
@@ -466,24 +403,21 @@ class VideoGenerator:
                 step_noise = jax.vmap(lambda i: jax.vmap(lambda k: jax.random.normal(
                     jax.random.fold_in(k, i + 1), item_shape, jnp.float32))(keys))(jnp.arange(num_steps))
             model = nnx.merge(graphdef, state)
-            out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(dtype), ctx.astype(dtype),
-                         None if uncond is None else uncond.astype(dtype), num_steps=num_steps, guidance_scale=g,
+            out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(dtype), _cast(ctx, dtype),
+                         None if uncond is None else _cast(uncond, dtype), num_steps=num_steps, guidance_scale=g,
                          use_dynamic_cfg=dyn, step_noise=step_noise if needs_noise else None)
             return out.latents.astype(jnp.float32)
 
         return run
 
     # ---- text ------------------------------------------------------------------------------
-    def encode(self, prompts: Sequence[str]) -> np.ndarray:
-        """(N, L, D) float32 prompt embeddings (`CogVideoXPipeline.encode_prompt`) in this dtype."""
-        from unlearn_jax.text_encoding import EncoderCache, encode_prompts
-
+    def encode(self, prompts: Sequence[str]):
+        """The family's conditioning of `prompts` (CogVideoX: (N, L, D) float32 prompt embeddings,
+        `CogVideoXPipeline.encode_prompt`), encoded in this dtype."""
         if self.pipeline_dir is None:
             raise UnlearnError("this generator has no pipeline folder to encode prompts with; pass prompt_embeds")
-        if self._encoder_cache is None:
-            self._encoder_cache = EncoderCache(max_entries=1)
-        return encode_prompts(self.pipeline_dir, list(prompts), dtype=self.dtype, mesh=self.mesh,
-                              cache=self._encoder_cache)
+        text = self.family.text(self.pipeline_dir, cache=self.encoder_cache)
+        return text.encode(list(prompts), dtype=self.dtype, mesh=self.mesh)
 
     @property
     def encoder_cache(self):
@@ -507,22 +441,20 @@ class VideoGenerator:
     def _inputs(self, prompts, seeds, negative_prompt, latents, prompt_embeds, negative_prompt_embeds):
         shape = self.shape.noise_shape
         if prompt_embeds is not None:
-            ctx = np.asarray(prompt_embeds, np.float32)
-            if ctx.ndim != 3:
-                raise UnlearnError(f"prompt_embeds must be (N, text_len, dim); got shape {ctx.shape}")
-            if prompts is not None and len(prompts) != len(ctx):
-                raise UnlearnError(f"{len(prompts)} prompts but {len(ctx)} prompt_embeds")
+            ctx = _given_conditioning(prompt_embeds, "prompt_embeds")
+            if prompts is not None and len(prompts) != leading_size(ctx):
+                raise UnlearnError(f"{len(prompts)} prompts but {leading_size(ctx)} prompt_embeds")
         else:
             if prompts is None:
                 raise UnlearnError("pass prompts or prompt_embeds")
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
             ctx = self.encode(prompts) if prompts else np.zeros((0, 1, 1), np.float32)  # encode checks them
-        n = len(ctx)
+        n = leading_size(ctx)
         if latents is not None:
             latents = np.asarray(latents, np.float32)
             if latents.shape != (n, *shape[1:]):
-                raise UnlearnError(f"latents must have shape {(n, *shape[1:])} (N, F, C, h, w) for these settings; "
-                                   f"got {latents.shape}")
+                raise UnlearnError(f"latents must have shape {(n, *shape[1:])} (N, {', '.join(self.shape.layout)}) "
+                                   f"for these settings; got {latents.shape}")
         if seeds is None:
             if latents is None:
                 raise UnlearnError("pass one seed per video (seeds=) or the initial latents (latents=)")
@@ -534,13 +466,22 @@ class VideoGenerator:
             raise UnlearnError(f"{n} prompts but {len(seeds)} seeds; pass one seed per prompt")
         uncond = None
         if self.cfg:
-            if negative_prompt_embeds is not None:
+            if negative_prompt_embeds is not None and not isinstance(negative_prompt_embeds, dict):
                 uncond = np.asarray(negative_prompt_embeds, np.float32)
                 if uncond.ndim == 2:
                     uncond = uncond[None]
-                if uncond.ndim != 3 or uncond.shape[0] not in (1, n) or uncond.shape[1:] != ctx.shape[1:]:
-                    raise UnlearnError(f"negative_prompt_embeds must be (1 or {n}, {ctx.shape[1]}, {ctx.shape[2]}); "
-                                       f"got {uncond.shape}")
+                if not isinstance(ctx, np.ndarray) or uncond.ndim != 3 or uncond.shape[0] not in (1, n) \
+                        or uncond.shape[1:] != ctx.shape[1:]:
+                    want = f"(1 or {n}, {ctx.shape[1]}, {ctx.shape[2]})" if isinstance(ctx, np.ndarray) else \
+                        "a conditioning dict like prompt_embeds"
+                    raise UnlearnError(f"negative_prompt_embeds must be {want}; got {uncond.shape}")
+            elif negative_prompt_embeds is not None:
+                uncond = _given_conditioning(negative_prompt_embeds, "negative_prompt_embeds")
+                ok = isinstance(ctx, dict) and set(uncond) == set(ctx) and all(
+                    uncond[k].shape[1:] == ctx[k].shape[1:] and uncond[k].shape[0] in (1, n) for k in ctx)
+                if not ok:
+                    raise UnlearnError("negative_prompt_embeds must hold the same arrays as prompt_embeds, with "
+                                       f"batch 1 or {n}")
             else:
                 if not isinstance(negative_prompt, str):
                     raise UnlearnError(f"negative_prompt must be a string, not {type(negative_prompt).__name__}")
@@ -565,7 +506,7 @@ class VideoGenerator:
         `CogVideoXPipeline(..., output_type="latent")` returns (padding frames included)."""
         ctx, uncond, latents, seeds = self._inputs(prompts, seeds, negative_prompt, latents, prompt_embeds,
                                                    negative_prompt_embeds)
-        n, bs = len(ctx), self.batch_size
+        n, bs = leading_size(ctx), self.batch_size
         bar = None
         if self.progress and n:
             from tqdm.auto import tqdm
@@ -584,8 +525,8 @@ class VideoGenerator:
                         noise = np.concatenate([d[0] for d in drawn])
                     if self.schedule.needs_noise:
                         step_noise = np.stack([d[1][:, 0] for d in drawn], axis=1)   # (N, B, F, C, h, w)
-                u = uncond if uncond is None or len(uncond) == 1 else uncond[pad]
-                out = self._run(self._state, noise, keys, ctx[pad], u, step_noise)
+                u = uncond if uncond is None or leading_size(uncond) == 1 else take(uncond, pad)
+                out = self._run(self._state, noise, keys, take(ctx, pad), u, step_noise)
                 out = np.asarray(jax.device_get(out))
                 for j, i in enumerate(idx):
                     yield i, out[j:j + 1]
@@ -596,28 +537,14 @@ class VideoGenerator:
                 bar.close()
 
     def decode(self, latents) -> np.ndarray:
-        """Final latents (1, F, C, h, w) -> frames (num_frames, H, W, 3) float32 in [0, 1], as the
-        pipeline's `output_type="np"` (padding frames of CogVideoX1.5 dropped first)."""
-        lat = np.asarray(latents, np.float32)[:, self.shape.pad_frames:]
-        if self.vae is None:
-            frames = np.clip((lat[0] + 1.0) / 2.0, 0.0, 1.0)
-            return np.ascontiguousarray(frames.transpose(0, 2, 3, 1))
-        z = jnp.asarray(lat, self.vae.dtype) * (1.0 / self.vae.scaling_factor)
-        video = self.vae.decode(z, tiling=self.vae_tiling)          # (1, 3, T, H, W)
-        want = (self.shape.height, self.shape.width)
-        if tuple(video.shape[-2:]) != want:
-            # diffusers' tiling crops tiles by the VAE config's tile sizes: for some VAE configs and
-            # sizes (never CogVideoX's own) the seams do not add up to the video size
-            if self.vae_tiling is not True:
-                raise UnlearnError(f"VAE tiling {self.vae_tiling} decodes {want[0]}x{want[1]} videos to "
-                                   f"{video.shape[-2]}x{video.shape[-1]} frames; use other tiles or vae_tiling=False")
-            if not self._warned_tiling:
-                log.warning("the VAE's default tiles decode %dx%d videos to %dx%d frames (as diffusers' "
-                            "enable_tiling would); decoding whole frames instead", *want, *video.shape[-2:])
-                self._warned_tiling = True
-            video = self.vae.decode(z, tiling=None)
-        video = jnp.clip(video / 2 + 0.5, 0, 1)
-        return np.ascontiguousarray(np.asarray(video[0].astype(jnp.float32)).transpose(1, 2, 3, 0))
+        """Final latents (1, ...) -> frames (num_frames, H, W, 3) float32 in [0, 1], as the pipeline's
+        `output_type="np"` (the family's decoding: CogVideoX drops CogVideoX1.5's padding frames first)."""
+        return self.family.decode(self.vae, latents, self.shape, self.vae_tiling, warn=self._warn_once)
+
+    def _warn_once(self, message: str):
+        if not self._warned_tiling:
+            log.warning("%s", message)
+            self._warned_tiling = True
 
     def iter_videos(self, prompts=None, seeds=None, negative_prompt: str = "", **kw) -> Iterator[tuple[int, np.ndarray]]:
         """Yields (index, frames (F, H, W, 3) float32 in [0, 1]) per video, in order."""
@@ -648,5 +575,5 @@ class VideoGenerator:
         return np.stack(out) if out else np.zeros((0, s.num_frames, s.height, s.width, 3), np.float32)
 
 
-__all__ = ["MAX_SEED", "NOISE_SOURCES", "PipelineFolder", "SAMPLERS", "SamplingPlan", "VideoGenerator", "VideoShape", "check_seed", "decoded_frames",
+__all__ = ["MAX_SEED", "NOISE_SOURCES", "PipelineFolder", "SamplingPlan", "VideoGenerator", "VideoShape", "check_seed",
            "jax_keys", "jax_noise", "torch_noise", "video_shape"]

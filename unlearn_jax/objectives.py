@@ -1,4 +1,4 @@
-"""The erasure objective (ALGORITHM.md §2, §4, §5): negatively guided target, localization masks and
+"""The erasure objective (docs/METHOD.md §2, §4, §5): negatively guided target, localization masks and
 loss, preservation loss. Pure functions of arrays."""
 from __future__ import annotations
 
@@ -14,45 +14,53 @@ def negative_target(v_uncond, v_cond, eta):
     return v_u - eta * (v_c - v_u)
 
 
-def _logsumexp_chunked(q, k, scale, chunk: int):
+def _logsumexp_chunked(q, k, scale, chunk: int, key_mask=None):
     """logsumexp over keys of (q . k) * scale without materialising all key columns at once.
 
-    q (B, M, N, H), k (B, S, N, H) -> (B, N, M), running max/sum over key chunks (flash-style)."""
+    q (B, M, N, H), k (B, S, N, H) -> (B, N, M), running max/sum over key chunks (flash-style).
+    key_mask (B, S) bool: keys outside it take no part (None: every key)."""
     b, s, n, h = k.shape
     pad = (-s) % chunk
     kp = jnp.pad(k, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    valid = jnp.arange(s + pad) < s
+    valid = jnp.broadcast_to(jnp.arange(s + pad) < s, (b, s + pad))
+    if key_mask is not None:
+        valid = valid & jnp.pad(jnp.asarray(key_mask, bool), ((0, 0), (0, pad)))
     kc = kp.reshape(b, -1, chunk, n, h).swapaxes(0, 1)  # (C, B, chunk, N, H)
-    vc = valid.reshape(-1, chunk)
+    vc = valid.reshape(b, -1, chunk).swapaxes(0, 1)  # (C, B, chunk)
 
     def body(carry, xs):
         m, acc = carry
         kk, vv = xs
         logits = jnp.einsum("bmnh,bknh->bnmk", q, kk, preferred_element_type=jnp.float32) * scale
-        logits = jnp.where(vv[None, None, None, :], logits, -jnp.inf)
+        logits = jnp.where(vv[:, None, None, :], logits, -jnp.inf)
         m_new = jnp.maximum(m, logits.max(-1))
-        acc = acc * jnp.exp(m - m_new) + jnp.exp(logits - m_new[..., None]).sum(-1)
+        # a chunk with no valid key leaves m at -inf: keep exp() finite there
+        safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        acc = acc * jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf)) + jnp.exp(logits - safe[..., None]).sum(-1)
         return (m_new, acc), None
 
     init = (jnp.full((b, n, q.shape[1]), -jnp.inf, jnp.float32), jnp.zeros((b, n, q.shape[1]), jnp.float32))
     (m, acc), _ = jax.lax.scan(body, init, (kc, vc))
-    return m + jnp.log(acc)
+    return jnp.where(jnp.isfinite(m), m, 0.0) + jnp.log(acc)
 
 
-def concept_attention_map(q, k, text_len: int, concept_idx, concept_valid, key_chunk: int = 1024):
+def concept_attention_map(view, concept_idx, concept_valid, key_chunk: int = 1024):
     """Attention mass from every video query onto the concept's text tokens, mean over heads.
 
-    q, k: (B, S, N, H) query/key projections over [text; video], before QK norm and RoPE.
-    concept_idx (B, K) int: text positions of the concept's tokens, padded; concept_valid (B, K) bool.
+    view: a `models.hooks.ConceptAttention` (video queries, every key they attend to, where the
+        text sits among the keys, the key mask): the same function serves joint attention with the
+        text first (CogVideoX) or last (HunyuanVideo) and cross-attention over text keys (Wan).
+    concept_idx (B, K) int: positions of the concept's tokens within the text, padded;
+    concept_valid (B, K) bool.
     Returns (B, N_video) = sum over concept tokens of mean-over-heads softmax(q k^T / sqrt(H)).
     Only the K concept columns and the softmax normaliser are computed.
     """
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    q, k = view.video_queries.astype(jnp.float32), view.keys.astype(jnp.float32)
     scale = q.shape[-1] ** -0.5
-    qv = q[:, text_len:]
-    lse = _logsumexp_chunked(qv, k, scale, min(key_chunk, k.shape[1]))  # (B, N, Nv)
-    kc = jnp.take_along_axis(k[:, :text_len], concept_idx[:, :, None, None], axis=1)  # (B, K, N, H)
-    logits = jnp.einsum("bmnh,bknh->bnmk", qv, kc) * scale
+    lse = _logsumexp_chunked(q, k, scale, min(key_chunk, k.shape[1]), view.key_mask)  # (B, N, Nv)
+    text = k[:, view.text_start:view.text_start + view.text_len]
+    kc = jnp.take_along_axis(text, concept_idx[:, :, None, None], axis=1)  # (B, K, N, H)
+    logits = jnp.einsum("bmnh,bknh->bnmk", q, kc) * scale
     probs = jnp.exp(logits - lse[..., None]) * concept_valid[:, None, None, :]
     return probs.sum(-1).mean(1)
 

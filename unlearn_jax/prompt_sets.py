@@ -1,6 +1,6 @@
 """Prompt CSV files and seeds: the one reader behind `unlearn-jax sample --prompts` and the evaluation.
 
-    items = load_prompt_set("../shared/data/eval_prompts/nudity_cogvideox.csv", limit=10)
+    items = load_prompt_set("nudity_cogvideox", limit=10)   # a bundled set by name, or any CSV by path
     items[0]  # {"index": 0, "name": "0000", "prompt": "...", "seed": 90939, "seed_source": "seed",
               #  "concept": "naked body", "concept_type": "..."}
 
@@ -8,6 +8,9 @@ Seeds are integers in [0, 2**64 - 1] (the range of ``torch.Generator.manual_seed
 `check_seed`. A file's seed column (``seed``, else ``evaluation_seed``) gives each prompt its seed;
 a file without one gets ``default_seed + row index`` (42, 43, ... by default), so that different
 prompts never share one noise. This module imports neither JAX nor PyTorch.
+
+The published evaluation sets ship with the package (`unlearn_jax/data/prompt_sets/`, see its
+README) and load by name: `BUNDLED` lists them.
 """
 from __future__ import annotations
 
@@ -59,6 +62,30 @@ def column_key(name: str) -> str:
     return "_".join(name.strip().lower().split())
 
 
+def _bundled_dir() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("unlearn_jax") / "data" / "prompt_sets"))
+
+
+BUNDLED = ("nudity_cogvideox", "nudity-ring-a-bell", "safe-sora", "nudity_hunyuan", "face_cogvideox", "face_hunyuan",
+           "face_ori")
+
+
+def resolve_prompt_set(path_or_name) -> Path:
+    """A CSV path as given, or the bundled published set of that name (`BUNDLED`)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    name = str(path_or_name)
+    if name.endswith(".csv"):
+        name = name[:-4]
+    if name in BUNDLED and "/" not in str(path_or_name):
+        return _bundled_dir() / f"{name}.csv"
+    raise UnlearnError(f"prompt set {path_or_name} does not exist (a CSV file, or a bundled set: "
+                       f"{', '.join(BUNDLED)})")
+
+
 def _rows(path: Path):
     """(first line number, fields) of every non-blank record, in file order."""
     try:
@@ -78,7 +105,7 @@ def _rows(path: Path):
 
 def load_prompt_set(path, *, limit: int | None = None, prompt_column: str = "prompt",
                     default_seed: int | None = DEFAULT_SEED) -> list[dict]:
-    """Reads a prompt CSV into items ``{"index", "name", "prompt", "seed", "seed_source", <other columns>}``.
+    """Reads a prompt CSV (a path, or the name of a bundled published set) into items ``{"index", "name", "prompt", "seed", "seed_source", <other columns>}``.
 
     - ``index``: the 0-based row number (blank lines skipped).
     - ``name``: the ``case_number`` column (integers >= 0, unique) zero-padded to 4 digits
@@ -98,9 +125,7 @@ def load_prompt_set(path, *, limit: int | None = None, prompt_column: str = "pro
     the prompt (e.g. ``"normal prompt"``); `limit` keeps the first rows. Problems raise a one-line
     UnlearnError naming the file and the line.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UnlearnError(f"prompt set {path} does not exist")
+    path = resolve_prompt_set(path)
     if limit is not None and int(limit) < 1:
         raise UnlearnError(f"prompt set limit must be >= 1, got {limit}")
     rows = _rows(path)
@@ -168,5 +193,5 @@ def prompt_set_name(path) -> str:
     return Path(path).stem
 
 
-__all__ = ["DEFAULT_SEED", "MAX_SEED", "SEED_COLUMNS", "check_seed", "column_key", "load_prompt_set",
-           "prompt_set_name"]
+__all__ = ["BUNDLED", "DEFAULT_SEED", "MAX_SEED", "SEED_COLUMNS", "check_seed", "column_key", "load_prompt_set",
+           "prompt_set_name", "resolve_prompt_set"]

@@ -1,14 +1,14 @@
 """Concept prompts: augmentation (local LLM or offline templates), the prompts file, concept-token
 indices in the T5 token sequence, and an on-disk cache of prompt embeddings.
 
-The path of the data (DESIGN.md): concepts --augment--> prompts file (JSONL) --encode--> cache.
+The path of the data: concepts --augment--> prompts file (JSONL) --encode--> cache.
 
-* Augmentation (ALGORITHM.md section 3). A short concept such as "naked body" is turned into
+* Augmentation (docs/METHOD.md §3). A short concept such as "naked body" is turned into
   long, detailed video captions, because the diffusion model is used with such captions and an
   erasure learned on the short phrase alone does not carry over. With an LLM the instruction is
   the CogVideoX-style "prompt extension" (or a shorter HunyuanVideo-style rewrite); without one,
   templates and paraphrase lists produce varied long prompts that all contain the phrase.
-* Concept tokens (ALGORITHM.md section 4). The localization mask sums attention over the text
+* Concept tokens (docs/METHOD.md §4). The localization mask sums attention over the text
   tokens of the concept phrase; `concept_token_indices` finds them on character offsets, so
   SentencePiece splitting, casing and repeats do not matter.
 * Embedding cache. One entry per (encoder fingerprint, prompt), written atomically and verified
@@ -825,15 +825,30 @@ def _from_stored(arr: np.ndarray, name: str) -> np.ndarray:
     return arr.view(np.dtype(getattr(ml_dtypes, name)))
 
 
+def _leaves(entry) -> dict[str, np.ndarray]:
+    """A conditioning entry (an array, or a flat dict of named arrays) as {name: array}; "" names a bare array."""
+    if isinstance(entry, Mapping):
+        if not entry or not all(isinstance(k, str) and k for k in entry):
+            raise ValueError("a conditioning dict needs non-empty string keys")
+        return {k: np.ascontiguousarray(np.asarray(v)) for k, v in entry.items()}
+    return {"": np.ascontiguousarray(np.asarray(entry))}
+
+
+def _signature(entry) -> tuple:
+    return tuple((k, v.shape, v.dtype.name) for k, v in sorted(_leaves(entry).items()))
+
+
 class EmbeddingCache:
-    """Prompt embeddings on disk, one verified entry per (encoder fingerprint, prompt).
+    """Prompt conditioning on disk, one verified entry per (encoder fingerprint, prompt).
 
     An entry is `<root>/<key[:2]>/<key>.npz`, key = sha256 of (fingerprint, prompt). It holds the
-    embedding (L, D), its dtype name, the key, the prompt and a sha256 of the embedding bytes. It
-    is written to a temporary file and renamed into place, and on every read the key, the
-    checksum, the shape (2-D) and the dtype are checked: an entry that fails is treated as missing
-    (a warning is given) and written again. The fingerprint must change whenever the encoder
-    weights, the tokenizer or the max length change; the cache then simply misses.
+    conditioning of one prompt, the key, the prompt and a sha256 of every array's bytes: for a
+    family whose conditioning is one embeddings array, that array (L, D) and its dtype name; for a
+    conditioning of several named arrays (embeddings, masks, pooled vectors), each of them. It is
+    written to a temporary file and renamed into place, and on every read the key, the
+    checksums, the shape (2-D for a bare embedding) and the dtypes are checked: an entry that fails
+    is treated as missing (a warning is given) and written again. The fingerprint must change
+    whenever the encoder weights, the tokenizer or the max length change; the cache then simply misses.
 
     `hits` and `misses` count prompts served from / written to the cache by this object.
     """
@@ -855,64 +870,79 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.npz"
 
-    def load(self, key: str) -> np.ndarray | None:
-        """The verified embedding of entry `key`, or None if absent or invalid."""
+    def load(self, key: str):
+        """The verified conditioning of entry `key` (an array, or a dict of arrays), or None if absent or invalid."""
         path = self.path(key)
         if not path.exists():
             return None
         try:
             with np.load(path, allow_pickle=False) as z:
                 stored_key = str(z["key"])
-                dtype_name = str(z["dtype"])
-                checksum = str(z["sha256"])
-                raw = np.array(z["embedding"])
+                if "leaves" in z.files:  # a conditioning of named arrays
+                    names = [str(n) for n in z["leaves"]]
+                    raws = {n: (np.array(z[f"leaf:{n}"]), str(z[f"dtype:{n}"]), str(z[f"sha256:{n}"])) for n in names}
+                else:
+                    raw = np.array(z["embedding"])
+                    if raw.ndim != 2:
+                        raise ValueError(f"embedding has shape {raw.shape}, expected 2 dimensions")
+                    raws = {"": (raw, str(z["dtype"]), str(z["sha256"]))}
             if stored_key != key:
                 raise ValueError("key mismatch")
-            if raw.ndim != 2:
-                raise ValueError(f"embedding has shape {raw.shape}, expected 2 dimensions")
-            if hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest() != checksum:
-                raise ValueError("checksum mismatch")
-            emb = _from_stored(raw, dtype_name)
+            out = {}
+            for name, (raw, dtype_name, checksum) in raws.items():
+                if hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest() != checksum:
+                    raise ValueError("checksum mismatch")
+                out[name] = _from_stored(raw, dtype_name)
         except Exception as e:  # noqa: BLE001 - any unreadable entry is a miss
             warnings.warn(f"embedding cache entry {path} is invalid ({e}); it will be re-encoded",
                           RuntimeWarning, stacklevel=3)
             return None
-        return emb
+        return out[""] if list(out) == [""] else out
 
-    def store(self, key: str, prompt: str, embedding: np.ndarray) -> None:
+    def store(self, key: str, prompt: str, embedding) -> None:
         """Writes one entry atomically (temporary file, then rename)."""
-        embedding = np.ascontiguousarray(np.asarray(embedding))
-        if embedding.ndim != 2:
-            raise ValueError(f"an embedding must be (L, D), got shape {embedding.shape}")
-        raw, dtype_name = _to_storable(embedding)
+        leaves = _leaves(embedding)
         buf = io.BytesIO()
-        np.savez(buf, embedding=raw, dtype=np.array(dtype_name), key=np.array(key), prompt=np.array(prompt),
-                 sha256=np.array(hashlib.sha256(raw.tobytes()).hexdigest()))
+        if list(leaves) == [""]:
+            emb = leaves[""]
+            if emb.ndim != 2:
+                raise ValueError(f"an embedding must be (L, D), got shape {emb.shape}")
+            raw, dtype_name = _to_storable(emb)
+            np.savez(buf, embedding=raw, dtype=np.array(dtype_name), key=np.array(key), prompt=np.array(prompt),
+                     sha256=np.array(hashlib.sha256(raw.tobytes()).hexdigest()))
+        else:
+            arrays = {"leaves": np.array(list(leaves)), "key": np.array(key), "prompt": np.array(prompt)}
+            for name, arr in leaves.items():
+                raw, dtype_name = _to_storable(arr)
+                arrays.update({f"leaf:{name}": raw, f"dtype:{name}": np.array(dtype_name),
+                               f"sha256:{name}": np.array(hashlib.sha256(raw.tobytes()).hexdigest())})
+            np.savez(buf, **arrays)
         with atomic_file(self.path(key), "wb") as f:
             f.write(buf.getvalue())
 
     def get_or_encode(self, prompts: Sequence[str], fingerprint: str,
                       encode_fn: Callable[[list[str]], Any], *, batch_size: int | None = None,
-                      progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Embeddings (N, L, D) of `prompts`, from the cache where present, else from `encode_fn`.
+                      progress: Callable[[int], None] | None = None):
+        """Conditioning of `prompts`, from the cache where present, else from `encode_fn`: an array
+        (N, L, D), or a dict of arrays with a leading N when `encode_fn` returns such a dict.
 
-        `encode_fn(list_of_prompts)` returns an array (M, L, D); it is called only for prompts
-        missing from the cache (each distinct prompt once), in chunks of `batch_size` (all at once
-        if None), and each chunk is stored as soon as it is encoded. `progress(k)` is called as k
-        prompts are done (served or encoded).
+        `encode_fn(list_of_prompts)` returns an array (M, L, D) (or a dict of arrays (M, ...)); it is
+        called only for prompts missing from the cache (each distinct prompt once), in chunks of
+        `batch_size` (all at once if None), and each chunk is stored as soon as it is encoded.
+        `progress(k)` is called as k prompts are done (served or encoded).
         """
         prompts = list(prompts)
         if not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be strings")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        found: dict[str, np.ndarray] = {}
+        found: dict[str, Any] = {}
         keys = {p: self.key(fingerprint, p) for p in dict.fromkeys(prompts)}
         for p, k in keys.items():
             emb = self.load(k)
             if emb is not None:
                 found[p] = emb
-        if found and len({(e.shape, e.dtype) for e in found.values()}) > 1:
+        if found and len({_signature(e) for e in found.values()}) > 1:
             found = {}  # inconsistent entries under one fingerprint: trust none of them
         n_cached = sum(1 for p in prompts if p in found)
         self.hits += n_cached
@@ -922,11 +952,16 @@ class EmbeddingCache:
         step = batch_size or max(len(missing), 1)
         for start in range(0, len(missing), step):
             chunk = missing[start:start + step]
-            out = np.asarray(encode_fn(list(chunk)))
-            if out.ndim != 3 or out.shape[0] != len(chunk):
-                raise ValueError(f"encode_fn returned shape {out.shape} for {len(chunk)} prompts; "
+            out = encode_fn(list(chunk))
+            leaves = _leaves(out)
+            bad = [n for n, a in leaves.items() if a.ndim < 1 or a.shape[0] != len(chunk)]
+            if "" in leaves and leaves[""].ndim != 3:
+                bad = [""]
+            if bad:
+                raise ValueError(f"encode_fn returned shape {leaves[bad[0]].shape} for {len(chunk)} prompts; "
                                  "expected (prompts, length, dim)")
-            for p, emb in zip(chunk, out):
+            for i, p in enumerate(chunk):
+                emb = leaves[""][i] if "" in leaves else {n: a[i] for n, a in leaves.items()}
                 self.store(keys[p], p, emb)
                 found[p] = emb
             chunk_set = set(chunk)
@@ -936,9 +971,12 @@ class EmbeddingCache:
                 progress(n_done)
         if not prompts:
             return np.zeros((0, 0, 0), dtype=np.float32)
-        shapes = {(found[p].shape, found[p].dtype) for p in keys}
+        shapes = {_signature(found[p]) for p in keys}
         if len(shapes) > 1:
             raise UnlearnError(f"embeddings under fingerprint {fingerprint[:12]}... differ in shape/dtype "
                                f"{sorted(map(str, shapes))}; the fingerprint does not cover the encoder "
                                f"settings, or clear the cache folder {str(self.root)!r}")
+        first = found[prompts[0]]
+        if isinstance(first, Mapping):
+            return {n: np.stack([found[p][n] for p in prompts]) for n in first}
         return np.stack([found[p] for p in prompts])

@@ -1,4 +1,4 @@
-"""`unlearn-jax sample`: videos from prompts with a CogVideoX pipeline folder, in JAX.
+"""`unlearn-jax sample`: videos from prompts with a diffusers pipeline folder (any supported family), in JAX.
 
 One prompt:
     unlearn-jax sample --model PIPELINE_DIR [--erasers DIR] --prompt "..." --out x.mp4 [--seed 42]
@@ -78,6 +78,8 @@ def _pos_int(flag: str, value):
 
 
 def _float(flag: str, value, positive: bool = False):
+    if value is None:
+        return None
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -136,10 +138,11 @@ def _run_settings(a, plan) -> dict:
 # --------------------------------------------------------------------------------------------
 def register(sub):
     p = sub.add_parser(
-        "sample", help="generate videos from prompts with a CogVideoX pipeline folder (JAX)",
-        description="Generate videos with a diffusers CogVideoX pipeline folder (optionally with trained erasers): "
+        "sample", help="generate videos from prompts with a diffusers pipeline folder (JAX)",
+        description="Generate videos with a diffusers pipeline folder (optionally with trained erasers): "
                     "one prompt (--prompt ... --out x.mp4) or a CSV of prompts (--prompts F.csv --out-dir DIR).")
-    p.add_argument("--model", required=True, help="a diffusers CogVideoX pipeline folder")
+    p.add_argument("--model", required=True, help="a diffusers pipeline folder (CogVideoX, ...; its family is read "
+                                                  "from model_index.json / the transformer's config)")
     p.add_argument("--erasers", default=None, help="a folder of trained erasers to attach")
     p.add_argument("--prompt", default=None, help="one prompt (with --out)")
     p.add_argument("--out", default=None, help="the video to write (.mp4), with --prompt")
@@ -151,10 +154,11 @@ def register(sub):
     p.add_argument("--seed", default="42", help="seed of --prompt; with --prompts, seeds are --seed + row index "
                                                 "unless the CSV has a seed or evaluation_seed column (default 42)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance (default: empty)")
-    p.add_argument("--steps", default="50", help="denoising steps (default 50)")
-    p.add_argument("--guidance", default="6.0", help="classifier-free guidance scale (default 6)")
-    p.add_argument("--sampler", default=None, choices=["ddim", "dpm"],
-                   help="default: ddim for models without rotary embeddings (2B), dpm for RoPE models (5B, 1.5)")
+    p.add_argument("--steps", default=None, help="denoising steps (default: the pipeline's, 50 for CogVideoX)")
+    p.add_argument("--guidance", default=None, help="guidance scale (default: the pipeline's, 6 for CogVideoX)")
+    p.add_argument("--sampler", default=None,
+                   help="the family's samplers (CogVideoX: ddim | dpm); default: the pipeline's (CogVideoX: ddim for "
+                        "models without rotary embeddings (2B), dpm for RoPE models (5B, 1.5))")
     p.add_argument("--dynamic-cfg", default=None, action=argparse.BooleanOptionalAction,
                    help="the pipeline's cosine guidance ramp (default: on with dpm, off with ddim)")
     p.add_argument("--num-frames", default=None, help="frames per video (default: the model's, 49 for CogVideoX)")

@@ -1,9 +1,12 @@
 """Classifier-free-guided sampling, traceable end to end, with an early stop at a traced step.
 
-`sample(...)` runs the denoising loop of diffusers' `CogVideoXPipeline` (for DDIM/DPM; the same
-loop with the flow-matching Euler scheduler for flow models) on any model given as
+`sample(...)` runs the denoising loop of the diffusers pipelines (`CogVideoXPipeline` for DDIM/DPM;
+the same loop with a flow-matching scheduler for flow models) on any model given as
 
-    velocity_fn(latents (B, F, C, H, W), timesteps (B,), context (B, L, D)) -> (B, F, C, H, W)
+    velocity_fn(latents (B, ...), timesteps (B,), context) -> (B, ...)
+
+where `context` is the family's conditioning pytree (CogVideoX: the (B, L, D) embeddings array;
+other families add masks and pooled vectors), every leaf with the batch first.
 
 Per step, the unconditional and the conditional pass go through ONE call, batched as
 [uncond; cond] like the pipeline, then `uncond + g * (cond - uncond)`; with `use_dynamic_cfg`
@@ -73,17 +76,35 @@ def _check_guidance(g):
 
 
 def _check_shapes(noise, context, uncond_context, cfg: bool):
+    """The conditioning is a pytree (the family's: an embeddings array, or embeddings + masks + pooled
+    vectors); every leaf has the batch on its first axis."""
     if jnp.ndim(noise) != 5:
-        raise ValueError(f"noise must be (B, F, C, H, W); got shape {jnp.shape(noise)}")
-    if jnp.ndim(context) != 3 or jnp.shape(context)[0] != jnp.shape(noise)[0]:
-        raise ValueError(f"context must be (B, L, D) with B = {jnp.shape(noise)[0]}; got shape {jnp.shape(context)}")
+        raise ValueError(f"noise must be (B, ...latent axes) with 5 dimensions; got shape {jnp.shape(noise)}")
+    b = jnp.shape(noise)[0]
+    leaves = jax.tree.leaves(context)
+    if not leaves or any(jnp.ndim(x) < 1 or jnp.shape(x)[0] != b for x in leaves):
+        shapes = [jnp.shape(x) for x in leaves]
+        raise ValueError(f"context must be (B, L, D) (or a pytree of arrays with a leading B) with B = {b}; "
+                         f"got shape {shapes[0] if len(shapes) == 1 else shapes}")
     if cfg:
         if uncond_context is None:
             raise ValueError("guidance_scale > 1 needs uncond_context")
-        if jnp.ndim(uncond_context) != 3 or jnp.shape(uncond_context)[1:] != jnp.shape(context)[1:] \
-                or jnp.shape(uncond_context)[0] not in (1, jnp.shape(context)[0]):
-            raise ValueError(f"uncond_context must be (B or 1, L, D) like context {jnp.shape(context)}; "
-                             f"got {jnp.shape(uncond_context)}")
+        ok = jax.tree.structure(uncond_context) == jax.tree.structure(context) and all(
+            jnp.ndim(u) == jnp.ndim(c) and jnp.shape(u)[1:] == jnp.shape(c)[1:] and jnp.shape(u)[0] in (1, b)
+            for u, c in zip(jax.tree.leaves(uncond_context), leaves))
+        if not ok:
+            show = lambda t: jax.tree.map(jnp.shape, t)  # noqa: E731
+            raise ValueError(f"uncond_context must be (B or 1, L, D) like context {show(context)}; "
+                             f"got {show(uncond_context)}")
+
+
+def guided_context(context, uncond_context):
+    """[uncond; cond] along the batch of every leaf (uncond broadcast from batch 1), as the pipelines batch them."""
+    def join(c, u):
+        c = jnp.asarray(c)
+        return jnp.concatenate([jnp.broadcast_to(jnp.asarray(u, c.dtype), c.shape), c], axis=0)
+
+    return jax.tree.map(join, context, uncond_context)
 
 
 def sample(
@@ -103,7 +124,8 @@ def sample(
     """Denoise `noise` (B, F, C, H, W) for `num_steps` steps, or only the first `stop_after`.
 
     scheduler_cfg: a `SchedulerConfig` (or a ready `Schedule` of `num_steps` steps).
-    context / uncond_context: (B, L, D) prompt embeddings; uncond may have batch 1 (broadcast).
+    context / uncond_context: the conditioning pytrees (e.g. (B, L, D) prompt embeddings); uncond's
+        leaves may have batch 1 (broadcast).
         uncond_context is unused (may be None) when guidance_scale is a number <= 1.
     guidance_scale: a number (exact dynamic-CFG table) or a traced scalar.
     stop_after: None (run every step) or an int / traced int32 scalar j in [0, num_steps]
@@ -139,12 +161,8 @@ def sample(
         elif key is None:
             raise ValueError(f"a {schedule.kind!r} sampler is stochastic: pass key= or step_noise=")
 
-    context = jnp.asarray(context)
-    if cfg:
-        uncond = jnp.broadcast_to(jnp.asarray(uncond_context, context.dtype), context.shape)
-        model_context = jnp.concatenate([uncond, context], axis=0)
-    else:
-        model_context = context
+    context = jax.tree.map(jnp.asarray, context)
+    model_context = guided_context(context, uncond_context) if cfg else context
     scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg) if cfg else None
     timesteps = jnp.asarray(schedule.timesteps)
 
@@ -201,11 +219,8 @@ def sample_trajectory(velocity_fn: VelocityFn, schedule: Schedule, noise, contex
     _check_shapes(noise, context, uncond_context, cfg)
     if schedule.needs_noise and key is None:
         raise ValueError(f"a {schedule.kind!r} sampler is stochastic: pass key=")
-    context = jnp.asarray(context)
-    model_context = context
-    if cfg:
-        uncond = jnp.broadcast_to(jnp.asarray(uncond_context, context.dtype), context.shape)
-        model_context = jnp.concatenate([uncond, context], axis=0)
+    context = jax.tree.map(jnp.asarray, context)
+    model_context = guided_context(context, uncond_context) if cfg else context
     scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg) if cfg else None
     body = _guided_step(velocity_fn, schedule, jnp.asarray(schedule.timesteps), model_context, scales, cfg,
                         noise.shape[0], key, None)
@@ -242,4 +257,4 @@ def make_sampler(
 
 
 __all__ = ["SampleOutput", "VelocityFn", "guidance_scales", "make_sampler", "sample", "sample_trajectory",
-           "uses_cfg"]
+           "uses_cfg", "guided_context"]

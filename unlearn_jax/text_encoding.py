@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.families.base import TextSide
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,9 @@ def resolve_max_length(pipeline_dir: str | os.PathLike, max_length: int | None =
 
 
 def _dtype(dtype) -> jnp.dtype:
-    try:
-        return jnp.dtype(jnp.float32 if dtype is None else dtype)
-    except TypeError:
-        raise UnlearnError(f"dtype {dtype!r} is not a dtype (use float32 or bfloat16)") from None
+    from unlearn_jax.dtypes import as_dtype
+
+    return jnp.dtype(as_dtype("float32" if dtype is None else dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,3 +263,33 @@ def encode_prompts(pipeline_dir: str | os.PathLike, prompts: str | Sequence[str]
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - n, axis=0)])
         out.append(encoder(chunk)[:n])
     return np.concatenate(out)
+
+
+class T5Text(TextSide):
+    """A pipeline's T5 text side as `CogVideoXPipeline` uses it: the prompt embeddings (N, L, D),
+    padded to `max_length`, no attention mask (the conditioning pytree is that one array)."""
+
+    def __init__(self, pipeline_dir: str | os.PathLike, max_length: int | None = None,
+                 cache: EncoderCache | None = None):
+        self.pipeline_dir = _folders(pipeline_dir)[0]
+        self.max_length = resolve_max_length(self.pipeline_dir, max_length)
+        self.cache = cache
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.pipeline_dir / "tokenizer")
+        return self._tokenizer
+
+    def encode(self, prompts, *, dtype=None, mesh=None, batch_size: int = 8) -> np.ndarray:
+        return encode_prompts(self.pipeline_dir, prompts, max_length=self.max_length, dtype=dtype, mesh=mesh,
+                              batch_size=batch_size, cache=self.cache)
+
+    def fingerprint(self, dtype=None) -> str:
+        return encoder_fingerprint(self.pipeline_dir, self.max_length, dtype=dtype)
+
+    def concept_mask(self, prompts, phrases, fallback: str = "all") -> np.ndarray:
+        from unlearn_jax.prompts import concept_token_mask
+
+        return concept_token_mask(self.tokenizer, list(prompts), phrases, self.max_length, fallback=fallback)

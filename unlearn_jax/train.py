@@ -1,4 +1,4 @@
-"""The erasure training step (ALGORITHM.md §2) as a pure, jitted, sharded function.
+"""The erasure training step (docs/METHOD.md §2) as a pure, jitted, sharded function, for every model family.
 
 state = TrainState(step, phi, opt_state, rng): the trainable eraser parameters (fp32) and Adam
 moments (fp32). The frozen base weights are a separate argument, never copied: "frozen model"
@@ -16,7 +16,8 @@ from flax import nnx
 
 from unlearn_jax import objectives as O
 from unlearn_jax.erasers import EraserConfig, eraser_hooks
-from unlearn_jax.models.cogvideox import CogVideoXTransformer, Hooks
+from unlearn_jax.families.base import leading_size
+from unlearn_jax.models.hooks import Hooks
 from unlearn_jax.sampling import sample
 from unlearn_jax.schedulers import Schedule
 
@@ -26,7 +27,7 @@ XT_SOURCES = ("current", "frozen_bank")
 
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
-    """The static settings of one training step (every [choice] of ALGORITHM.md is here)."""
+    """The static settings of one training step (every [choice] of docs/METHOD.md is here)."""
 
     num_sampler_steps: int = 50  # J
     guidance_scale: float = 3.0  # g_s for sampling x_t
@@ -67,24 +68,35 @@ def init_state(phi, optimizer, seed: int) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), phi, optimizer.init(phi), jax.random.key_data(jax.random.key(seed)))
 
 
-class ErasureStep:
-    """Builds the pure step `(state, base_params, batch) -> (state, metrics)` for one model and config."""
+def _cat(a, b):
+    """Two conditioning pytrees (or arrays) joined along the batch."""
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
 
-    def __init__(self, model: CogVideoXTransformer, eraser: EraserConfig, schedule: Schedule, settings: StepSettings,
-                 optimizer, latent_shape: tuple[int, ...]):
+
+class ErasureStep:
+    """Builds the pure step `(state, base_params, batch) -> (state, metrics)` for one model and config.
+
+    The batch's conditioning entries (`ctx`, `uncond`, `pre_ctx`) are the family's conditioning
+    pytrees, batch first; the latents are in the family's layout (`latent_shape` has no batch axis).
+    """
+
+    def __init__(self, model, eraser: EraserConfig, schedule: Schedule, settings: StepSettings,
+                 optimizer, latent_shape: tuple[int, ...], family=None):
+        from unlearn_jax import families
+
+        self.family = family or families.of_model(model)
         self.graphdef, _ = nnx.split(model)
         self.model_cfg = model.config
         self.eraser, self.schedule, self.s, self.optimizer = eraser, schedule, settings, optimizer
-        self.latent_shape = tuple(latent_shape)  # (F, C, H, W)
-        f, _, h, w = self.latent_shape
-        self.grid = model.token_grid(f, h, w)
+        self.latent_shape = tuple(latent_shape)
+        self.grid = self.family.token_grid(model, self.latent_shape)
 
     # ---- the model as a pure function --------------------------------------------------------
-    def velocity(self, base, phi, x, ctx, t, *, collect=False, qk_fn=None):
+    def velocity(self, base, phi, x, ctx, t, *, collect=False, concept_fn=None):
         model = nnx.merge(self.graphdef, base)
         hooks, extras = eraser_hooks(self.eraser, phi, collect_outputs=collect)
-        if qk_fn is not None:
-            hooks = dataclasses.replace(hooks or Hooks(), on_qk=qk_fn)
+        if concept_fn is not None:
+            hooks = dataclasses.replace(hooks or Hooks(), on_concept_attention=concept_fn)
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         return model.forward(x, ctx, t, hooks, extras)
 
@@ -103,7 +115,7 @@ class ErasureStep:
         key = jax.random.wrap_key_data(state.rng)
         key, k_noise, k_pre, k_sample, k_t = jax.random.split(key, 5)
         ctx, uncond = batch["ctx"], batch["uncond"]
-        b = ctx.shape[0]
+        b = leading_size(ctx)
         phi_now = jax.lax.stop_gradient(state.phi)
         j = batch["j"]
         if s.xt_source == "current":
@@ -118,18 +130,20 @@ class ErasureStep:
 
         # Frozen passes, uncond and cond batched in one call; the cond half yields the masks.
         use_loc = s.alpha_loc != 0 and self.eraser.kind == "adapter"
-        qk_fn = None
+        concept_fn = None
         if use_loc:
-            def qk_fn(q, k, text_len, extra):
-                return O.concept_attention_map(q[b:], k[b:], text_len, batch["concept_idx"], batch["concept_valid"],
-                                               s.mask_key_chunk)
-        v_frozen, aux = self.velocity(base, None, jnp.concatenate([x_t, x_t]), jnp.concatenate(
-            [jnp.broadcast_to(uncond, ctx.shape), ctx]), t, qk_fn=qk_fn)
+            def concept_fn(view, extra):  # the cond half of the batched pass
+                return O.concept_attention_map(view.select(slice(b, None)), batch["concept_idx"],
+                                               batch["concept_valid"], s.mask_key_chunk)
+        uncond_b = jax.tree.map(lambda u, c: jnp.broadcast_to(u, c.shape), uncond, ctx)
+        v_frozen, aux = self.velocity(base, None, jnp.concatenate([x_t, x_t]), _cat(uncond_b, ctx), t,
+                                      concept_fn=concept_fn)
         v_frozen = jax.lax.stop_gradient(v_frozen)
         v_neg = O.negative_target(v_frozen[:b], v_frozen[b:], batch["eta"])
         masks = None
         if use_loc:
-            masks = jax.lax.stop_gradient(O.localization_masks(aux["qk"], self.grid, s.mask_threshold, s.mask_mode))
+            masks = jax.lax.stop_gradient(O.localization_masks(aux["concept"], self.grid, s.mask_threshold,
+                                                               s.mask_mode))
 
         use_pre = s.beta_pre != 0
         if use_pre:
@@ -140,7 +154,7 @@ class ErasureStep:
             else:
                 x_pre = batch["x_pre"]
             v_pre_frozen = jax.lax.stop_gradient(self.velocity(base, None, x_pre, pre_ctx, t)[0])
-            x_in, c_in = jnp.concatenate([x_t, x_pre]), jnp.concatenate([ctx, pre_ctx])
+            x_in, c_in = jnp.concatenate([x_t, x_pre]), _cat(ctx, pre_ctx)
         else:
             x_in, c_in = x_t, ctx
 

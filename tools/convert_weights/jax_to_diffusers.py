@@ -7,13 +7,13 @@
 CKPT is a transformer checkpoint (an orbax checkpoint of ours, or any folder load_transformer reads) or
 an eraser folder (eraser_config.json + erasers.safetensors, or the published T2VUnlearning format).
 
---format diffusers      transformer checkpoint: a folder `CogVideoXTransformer3DModel.from_pretrained` loads.
+--format diffusers      transformer checkpoint: a folder the family's diffusers class `from_pretrained` loads.
                         lora / attn / full erasers: the same, with the erasers merged into --base's weights.
                         adapter erasers: the eraser folder `unlearn_jax.torch.attach_erasers` reads (a stock
                         diffusers folder cannot hold an adapter), with a README on how to load it.
 --format t2vunlearning  adapter erasers: eraser_config.json + eraser_weights.pt (+ .safetensors), the layout
                         of the T2VUnlearning authors' inference scripts.
---format lora           LoRA erasers: pytorch_lora_weights.safetensors for `CogVideoXPipeline.load_lora_weights`.
+--format lora           LoRA erasers: pytorch_lora_weights.safetensors for the pipeline's `load_lora_weights`.
 """
 import argparse
 import sys
@@ -47,7 +47,8 @@ def main(argv=None) -> int:
 
 
 def _convert(args) -> str | None:
-    from unlearn_jax.eraser_io import export, is_eraser_folder, load_erasers
+    from unlearn_jax.eraser_io import is_eraser_folder, load_erasers, stored_base_config
+    from unlearn_jax.export import export
     from unlearn_jax.errors import UnlearnError
     from unlearn_jax.loading import load_transformer, save_transformer
 
@@ -61,7 +62,11 @@ def _convert(args) -> str | None:
         return None
     base = load_transformer(args.base, progress=True) if args.base is not None else None
     cfg, phi = load_erasers(args.ckpt, base)
-    export(args.out, args.format, cfg, phi, base_model=base, dtype=args.dtype)
+    model = base if base is not None else stored_base_config(args.ckpt)
+    if model is None:
+        raise UnlearnError(f"{args.ckpt}: a published-format eraser folder records no base model: give the base "
+                           "model with --base BASE_MODEL_DIR")
+    export(args.out, args.format, cfg, phi, model, base_model=base, dtype=args.dtype)
     if cfg.kind == "adapter":
         return (f"load it in diffusers with: import unlearn_jax.torch; "
                 f"unlearn_jax.torch.attach_erasers(pipe.transformer, {str(args.out)!r})")

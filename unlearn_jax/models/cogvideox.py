@@ -6,7 +6,9 @@ embeddings. The blocks are one stacked module run with `jax.lax.scan` (one compi
 compile time independent of depth) under a configurable remat policy.
 
 Called like diffusers' forward: `model(hidden_states (B, F, C, H, W), encoder_hidden_states
-(B, L, D), timestep (B,))` -> velocity (B, F, C, H, W). Unlike diffusers' bare transformer, the
+(B, L, D), timestep (B,))` -> velocity (B, F, C, H, W). `model.forward(x, cond, t, hooks, extras)` is
+the family-neutral contract of `models.hooks` (CogVideoX's conditioning pytree is the prompt
+embeddings array itself). Unlike diffusers' bare transformer, the
 rotary embedding is computed here exactly as `CogVideoXPipeline` computes it, so the model alone
 gives the pipeline's velocity.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 from unlearn_jax.conversion import IDENTITY, LINEAR, Rule, RuleTable, flatten_in, squeeze_leading
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.jsonfiles import read_json_object
+from unlearn_jax.models.hooks import NO_HOOKS, ConceptAttention, Hooks
 from unlearn_jax.models.layers import ATTENTION_IMPLS, Dense, LayerNorm, attention, logical_constraint, remat
 
 CLASS_NAME = "CogVideoXTransformer3DModel"
@@ -206,24 +209,6 @@ def apply_rope(x, cos, sin):
 # Modules
 # --------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class Hooks:
-    """Per-block extension points for erasers and analyses (all optional, all pure functions).
-
-    edit_layer(layer_params, extra) -> layer_params: e.g. add LoRA deltas or swap in fine-tuned
-        weights for this block, before it runs.
-    on_qk(q, k, text_len, extra) -> aux: sees the joint-sequence query/key projections, before the
-        QK LayerNorm and RoPE, shape (B, S, N, H) each (the localization mask's input).
-    on_video_attn(a, extra) -> (a', aux): acts on the video part of the attention output, after
-        to_out and before the gated residual (where the T2VUnlearning adapter sits).
-    `extra` is this block's slice of the `extras` pytree (leading layer axis) given to the model.
-    """
-
-    edit_layer: Callable | None = None
-    on_qk: Callable | None = None
-    on_video_attn: Callable | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class Runtime:
     """How the model runs (not part of the checkpoint): precision, kernels, memory policy, sharding."""
 
@@ -273,9 +258,11 @@ class JointAttention(nnx.Module):
         split = lambda y: y.reshape(*y.shape[:2], self.heads, self.head_dim)  # noqa: E731
         return split(self.to_q(x)), split(self.to_k(x))
 
-    def __call__(self, x, text_len: int, rope, qk_hook=None):
+    def __call__(self, x, text_len: int, rope, concept_hook=None):
         q, k = self.project_qk(x)
-        qk_aux = qk_hook(q, k, text_len) if qk_hook is not None else None
+        # The localization mask reads q and k before the QK norm and RoPE (the method's specification).
+        concept_aux = None if concept_hook is None else concept_hook(
+            ConceptAttention(q[:, text_len:], k, text_start=0, text_len=text_len))
         v = self.to_v(x).reshape(*x.shape[:2], self.heads, self.head_dim)
         q, k = self.norm_q(q), self.norm_k(k)
         if rope is not None:
@@ -284,7 +271,7 @@ class JointAttention(nnx.Module):
             k = jnp.concatenate([k[:, :text_len], apply_rope(k[:, text_len:], cos, sin)], axis=1)
         o = attention(q, k, v, self.impl, self.chunk)
         o = checkpoint_name(o, "attn_out")
-        return self.to_out(o.reshape(*x.shape[:2], -1)), qk_aux
+        return self.to_out(o.reshape(*x.shape[:2], -1)), concept_aux
 
 
 class FeedForward(nnx.Module):
@@ -309,25 +296,22 @@ class Block(nnx.Module):
         self.norm2 = AdaNormZero(cfg, rt, rngs)
         self.ff = FeedForward(cfg, rt, rngs)
 
-    def __call__(self, h, e, temb, rope, hooks: Hooks | None = None, extra=None):
+    def __call__(self, h, e, temb, rope, hooks: Hooks = NO_HOOKS, extra=None):
         text_len = e.shape[1]
-        hooks = hooks or Hooks()
-        qk_hook = None
-        if hooks.on_qk is not None:
-            qk_hook = lambda q, k, n: hooks.on_qk(q, k, n, extra)  # noqa: E731
+        concept_hook = None
+        if hooks.on_concept_attention is not None:
+            concept_hook = lambda view: hooks.concept(view, extra)  # noqa: E731
         nh, ne, gate, e_gate = self.norm1(h, e, temb)
-        a, qk_aux = self.attn1(jnp.concatenate([ne, nh], axis=1), text_len, rope, qk_hook)
+        a, concept_aux = self.attn1(jnp.concatenate([ne, nh], axis=1), text_len, rope, concept_hook)
         a_e, a_h = a[:, :text_len], a[:, text_len:]
-        attn_aux = None
-        if hooks.on_video_attn is not None:
-            a_h, attn_aux = hooks.on_video_attn(a_h, extra)
+        a_h, attn_aux = hooks.video_attn(a_h, extra)
         h = (h + gate * a_h).astype(h.dtype)
         e = (e + e_gate * a_e).astype(e.dtype)
         nh, ne, gate, e_gate = self.norm2(h, e, temb)
         f = self.ff(jnp.concatenate([ne, nh], axis=1))
         h = (h + gate * f[:, text_len:]).astype(h.dtype)
         e = (e + e_gate * f[:, :text_len]).astype(e.dtype)
-        return h, e, {"qk": qk_aux, "attn": attn_aux}
+        return h, e, {"concept": concept_aux, "attn": attn_aux}
 
 
 class CogVideoXTransformer(nnx.Module):
@@ -441,12 +425,12 @@ class CogVideoXTransformer(nnx.Module):
 
         Returns (video tokens, text tokens, per-layer aux of the hooks stacked on a leading axis)."""
         rt = self.runtime
+        hooks = NO_HOOKS if hooks is None else hooks
         graphdef, state = nnx.split(self.blocks)
 
         def body(carry, xs):
             layer_state, extra = xs
-            if hooks is not None and hooks.edit_layer is not None:
-                layer_state = hooks.edit_layer(layer_state, extra)
+            layer_state = hooks.layer(layer_state, extra, "attn1")
             block = nnx.merge(graphdef, layer_state)
             hh, ee = carry
             hh = logical_constraint(hh, ("batch", "length", "embed"), rt.mesh, rt.rules)
@@ -472,27 +456,28 @@ class CogVideoXTransformer(nnx.Module):
         return out.reshape(b, f, co, hh, ww)
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, hooks: Hooks | None = None, extras=None):
-        """The velocity, plus the per-layer aux of the hooks ({"qk": ..., "attn": ...}, each None
-        where that hook is absent), stacked over layers."""
+        """The velocity, plus the per-layer aux of the hooks ({"concept": ..., "attn": ...}, each None
+        where that hook is absent), stacked over layers (the contract of `models.hooks`)."""
         self.check_inputs(hidden_states.shape, encoder_hidden_states.shape)
         video, text, temb, rope = self.embed(hidden_states, encoder_hidden_states, timestep)
         video, text, aux = self.run_blocks(video, text, temb, rope, hooks, extras)
         return self.head(video, temb, hidden_states.shape), aux
 
+    def forward_inputs(self, hidden_states, encoder_hidden_states, timestep):
+        """diffusers' call arguments -> (latents, conditioning pytree, timestep) of `forward`, checked."""
+        self.check_inputs(jnp.shape(hidden_states), jnp.shape(encoder_hidden_states))
+        return jnp.asarray(hidden_states), jnp.asarray(encoder_hidden_states), jnp.asarray(timestep)
+
     def __call__(self, hidden_states, encoder_hidden_states, timestep):
         """diffusers-style forward: (B, F, C, H, W), (B, L, D), (B,) or scalar -> velocity (B, F, C, H, W)."""
-        self.check_inputs(jnp.shape(hidden_states), jnp.shape(encoder_hidden_states))
+        x, cond, t = self.forward_inputs(hidden_states, encoder_hidden_states, timestep)
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, hidden_states, encoder_hidden_states, timestep)
+        return _jitted_forward(graphdef, state, x, cond, t)
 
 
 @jax.jit
-def _jitted_forward_impl(graphdef, state, x, ctx, t):
-    return nnx.merge(graphdef, state).forward(x, ctx, t)[0]
-
-
 def _jitted_forward(graphdef, state, x, ctx, t):
-    return _jitted_forward_impl(graphdef, state, jnp.asarray(x), jnp.asarray(ctx), jnp.asarray(t))
+    return nnx.merge(graphdef, state).forward(x, ctx, t)[0]
 
 
 # --------------------------------------------------------------------------------------------

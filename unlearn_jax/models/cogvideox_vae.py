@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unlearn_jax.conversion import IDENTITY, Rule, RuleTable, SafetensorsReader, Target, Transform, load_params
+from unlearn_jax.conversion import IDENTITY, Rule, RuleTable, SafetensorsReader, Transform, load_into
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.jsonfiles import read_json_object
 
@@ -751,13 +751,8 @@ def load_vae(path: str | Path, dtype=None, mesh: jax.sharding.Mesh | None = None
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: AutoencoderKLCogVideoX(config, dtype=dtype, param_dtype=dtype,
                                                                      rngs=nnx.Rngs(0)))
-        graphdef, state = nnx.split(abstract)
-        flat = nnx.to_flat_state(state)
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()) if mesh is not None else None
-        targets = {".".join(map(str, k)): Target(tuple(v.get_value().shape), np.dtype(dtype), sharding)
-                   for k, v in flat}
-        leaves = load_params(reader, vae_rule_table(config), targets, str(folder))
+        # the VAE is small next to the transformer: replicated over the mesh
+        return load_into(abstract, reader, vae_rule_table(config), str(folder), dtype=np.dtype(dtype), mesh=mesh,
+                         replicate=True)
     finally:
         reader.close()
-    state = nnx.from_flat_state([(k, v.replace(leaves[".".join(map(str, k))])) for k, v in flat])
-    return nnx.merge(graphdef, state)

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from unlearn_jax.conversion import LINEAR, Rule, RuleTable, SafetensorsReader, Target, load_params
+from unlearn_jax.conversion import LINEAR, Rule, RuleTable, SafetensorsReader, load_into
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.models.layers import Dense
-from unlearn_jax.parallel import DEFAULT_RULES, named_sharding
+from unlearn_jax.parallel import DEFAULT_RULES
 
 # model_type -> (variant, architectures whose encoder we can read)
 _FAMILIES = {
@@ -425,18 +425,10 @@ def load_text_encoder(path: str | Path, dtype=None, mesh: jax.sharding.Mesh | No
     dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     param_dtype = dtype if param_dtype is None else jnp.dtype(param_dtype)
     abstract = abstract_text_encoder(config, dtype=dtype, param_dtype=param_dtype)
-    graphdef, state = nnx.split(abstract)
-    flat = list(nnx.to_flat_state(state))
-    specs = dict(nnx.to_flat_state(nnx.get_partition_spec(state)))
-    targets = {}
-    for p, var in flat:
-        spec = specs[p].get_value() if p in specs else None
-        shape, dt = var.get_value().shape, var.get_value().dtype
-        targets[".".join(map(str, p))] = Target(tuple(shape), np.dtype(dt), None if mesh is None else named_sharding(spec, shape, mesh, rules))
     reader = SafetensorsReader(folder)
     try:
-        leaves = load_params(_EncoderCheckpoint(reader), rule_table(config), targets, where=str(folder))
+        # each leaf keeps the module's own dtype: norms and position biases stay float32
+        return load_into(abstract, _EncoderCheckpoint(reader), rule_table(config), str(folder), dtype="model",
+                         mesh=mesh, rules=rules)
     finally:
         reader.close()
-    filled = nnx.from_flat_state([(p, var.replace(leaves[".".join(map(str, p))])) for p, var in flat])
-    return nnx.merge(graphdef, filled)

@@ -1,11 +1,13 @@
-"""Erasers in a stock diffusers `CogVideoXTransformer3DModel`, without a fork of diffusers.
+"""Erasers in a stock diffusers transformer of any supported family, without a fork of diffusers.
 
-Adapter erasers (ALGORITHM.md §1) become a child module `adapter` of each block's `attn1` (so the
-transformer's state dict names them exactly as the published T2VUnlearning files do,
-`transformer_blocks.{i}.attn1.adapter.down.weight` ...) and a forward hook on `attn1` that adds
-`scale * up(gelu(down(a)))` to the video part `a` of its output `(video, text)`. LoRA erasers become a
-child `eraser_lora` of each targeted projection plus a hook adding `scale * B(A(x))`. Nothing of the
-base model is changed: `detach_erasers` removes the hooks and the children.
+The family's `EraserSite` says where they go. Adapter erasers (docs/METHOD.md §1) become a child
+module `adapter` of each block's site attention (CogVideoX: `attn1`, so the transformer's state dict
+names them exactly as the published T2VUnlearning files do,
+`transformer_blocks.{i}.attn1.adapter.down.weight` ...) and a forward hook on that attention that
+adds `scale * up(gelu(down(a)))` to the video part `a` of its output (CogVideoX: the first of
+`(video, text)`). LoRA erasers become a child `eraser_lora` of each targeted projection plus a hook
+adding `scale * B(A(x))`. Nothing of the base model is changed: `detach_erasers` removes the hooks
+and the children.
 
 Reads our eraser folders (`eraser_config.json` + `erasers.safetensors`) and the published format
 (`eraser_config.json` + `eraser_weights.pt`, or the same tensors as `eraser_weights.safetensors`);
@@ -23,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unlearn_jax import families
 from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError
+from unlearn_jax.families.base import EraserSite
 
 CONFIG_NAME = "eraser_config.json"
 WEIGHTS_NAME = "erasers.safetensors"
@@ -31,17 +35,18 @@ PUBLISHED_PT = "eraser_weights.pt"
 PUBLISHED_SAFETENSORS = "eraser_weights.safetensors"
 FORMAT = "unlearn-jax"
 _STATE = "_unlearn_jax_erasers"
-_LORA_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
+_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out")
 
 
 class AdapterEraser(nn.Module):
     """T2VUnlearning's adapter: `up(gelu(down(a)))` (exact GELU), added to the attention output times `scale`."""
 
-    def __init__(self, dim: int, rank: int, scale: float = 1.0):
+    def __init__(self, dim: int, rank: int, scale: float = 1.0, output: str = "tuple_first"):
         super().__init__()
         self.down = nn.Linear(dim, rank)
         self.up = nn.Linear(rank, dim)
         self.scale = float(scale)
+        self.output = output  # how the attention returns the video tokens (EraserSite.torch_output)
 
     def forward(self, a):
         return self.up(F.gelu(self.down(a)))
@@ -64,8 +69,11 @@ def _adapter_hook(attn, inputs, output):
     eraser = attn.adapter
     if eraser.scale == 0.0:
         return output
+    if eraser.output == "tensor":  # the attention returns the video tokens alone
+        return output + eraser.scale * eraser(output)
     if not isinstance(output, tuple) or len(output) != 2:
-        raise UnlearnError("attn1 did not return (video, text) hidden states: not a CogVideoX joint attention")
+        raise UnlearnError("the attention did not return (video, text) hidden states: not the joint attention "
+                           "the erasers were made for")
     video, text = output
     return video + eraser.scale * eraser(video), text
 
@@ -110,11 +118,11 @@ def _load_pt(path: Path) -> dict:
     return obj
 
 
-def read_eraser_folder(folder) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(config, per-module state dicts in PyTorch layout) of an eraser folder.
+def read_eraser_folder(folder, site: EraserSite) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(config, per-module state dicts in PyTorch layout) of an eraser folder, named for `site`.
 
-    Adapter modules are named `transformer_blocks.{i}.attn1.adapter` (keys down/up .weight/.bias); LoRA
-    modules `transformer_blocks.{i}.attn1.{to_q|to_k|to_v|to_out.0}.eraser_lora` (lora_A/lora_B .weight).
+    Adapter modules are named `<site.published_prefix>` (CogVideoX: `transformer_blocks.{i}.attn1.adapter`;
+    keys down/up .weight/.bias); LoRA modules `<site.lora_module(t)>.eraser_lora` (lora_A/lora_B .weight).
     config: eraser_type, eraser_rank, scale, num_layers (may be None), dim (may be None).
     """
     folder = Path(folder)
@@ -134,11 +142,11 @@ def read_eraser_folder(folder) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
         raise UnlearnError(f"{cfg_path}: eraser_rank must be a positive integer, got {rank!r}")
     cfg = {"eraser_type": kind, "eraser_rank": rank, "scale": float(raw.get("scale", 1.0)),
            "num_layers": raw.get("num_layers"), "dim": raw.get("dim"),
-           "lora_targets": list(raw.get("lora_targets") or _LORA_MODULES)}
+           "lora_targets": list(raw.get("lora_targets") or _LORA_TARGETS)}
     if kind in ("attn", "full"):
         raise UnlearnError(f"{cfg_path}: {kind} erasers replace base weights; export a merged model with "
                            "`jax_to_diffusers.py ERASERS OUT --format diffusers --base BASE` and load it with "
-                           "CogVideoXTransformer3DModel.from_pretrained")
+                           "the transformer class's from_pretrained")
     if kind not in ("adapter", "lora"):
         raise UnlearnError(f"{cfg_path}: eraser_type {kind!r} is not adapter or lora")
 
@@ -147,7 +155,7 @@ def read_eraser_folder(folder) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
         if not path.exists():
             raise UnlearnError(f"{folder}: {WEIGHTS_NAME} is missing")
         flat = _load_safetensors(path)
-        return cfg, _from_jax_layout(kind, flat, path, cfg["lora_targets"])
+        return cfg, _from_jax_layout(kind, flat, path, cfg["lora_targets"], site)
     if kind != "adapter":
         raise UnlearnError(f"{cfg_path}: eraser_type {kind!r}: the T2VUnlearning format holds adapter erasers only")
     st, pt = folder / PUBLISHED_SAFETENSORS, folder / PUBLISHED_PT
@@ -163,7 +171,7 @@ def read_eraser_folder(folder) -> tuple[dict, dict[str, dict[str, torch.Tensor]]
     return cfg, modules
 
 
-def _from_jax_layout(kind: str, flat: dict[str, torch.Tensor], path: Path, targets) -> dict:
+def _from_jax_layout(kind: str, flat: dict[str, torch.Tensor], path: Path, targets, site: EraserSite) -> dict:
     """Our stacked (layer, in, out) tensors -> per-block PyTorch (out, in) state dicts."""
     def need(key, ndim):
         if key not in flat or flat[key].ndim != ndim:
@@ -174,16 +182,16 @@ def _from_jax_layout(kind: str, flat: dict[str, torch.Tensor], path: Path, targe
     if kind == "adapter":
         dk, db, uk, ub = need("down.kernel", 3), need("down.bias", 2), need("up.kernel", 3), need("up.bias", 2)
         for i in range(dk.shape[0]):
-            out[f"transformer_blocks.{i}.attn1.adapter"] = {
+            out[site.published_prefix.format(layer=i)] = {
                 "down.weight": dk[i].T.contiguous(), "down.bias": db[i], "up.weight": uk[i].T.contiguous(),
                 "up.bias": ub[i]}
         return out
     for t in targets:
-        if t not in _LORA_MODULES:
+        if t not in site.torch_lora_modules:
             raise ConversionError(f"{path}: unknown LoRA target {t!r}")
         a, b = need(f"{t}.a", 3), need(f"{t}.b", 3)
         for i in range(a.shape[0]):
-            out[f"transformer_blocks.{i}.attn1.{_LORA_MODULES[t]}.eraser_lora"] = {
+            out[f"{site.lora_module(t).format(layer=i)}.eraser_lora"] = {
                 "lora_A.weight": a[i].T.contiguous(), "lora_B.weight": b[i].T.contiguous()}
     return out
 
@@ -191,31 +199,43 @@ def _from_jax_layout(kind: str, flat: dict[str, torch.Tensor], path: Path, targe
 # --------------------------------------------------------------------------------------------
 # Attaching
 # --------------------------------------------------------------------------------------------
+def _family_of(obj):
+    """The family of a diffusers transformer (by its class name), or None."""
+    for fam in families.all_families():
+        if type(obj).__name__ == fam.transformer_class:
+            return fam
+    return None
+
+
 def _transformer_of(obj):
-    if hasattr(obj, "transformer_blocks"):
-        return obj
-    if hasattr(obj, "transformer") and hasattr(obj.transformer, "transformer_blocks"):
-        return obj.transformer  # a pipeline
-    raise ModelFamilyError(f"{type(obj).__name__}: not a CogVideoX transformer (no transformer_blocks) "
-                           "nor a pipeline holding one")
+    """(transformer, its family) of a diffusers transformer or a pipeline holding one."""
+    fam = _family_of(obj)
+    if fam is not None:
+        return obj, fam
+    inner = getattr(obj, "transformer", None)
+    if inner is not None and _family_of(inner) is not None:
+        return inner, _family_of(inner)  # a pipeline
+    raise ModelFamilyError(f"{type(obj).__name__}: not the transformer of a supported family "
+                           f"({families.REGISTRY.supported()}) nor a pipeline holding one")
 
 
 def attach_erasers(transformer, eraser_dir, scale: float | None = None):
-    """Makes a stock diffusers `CogVideoXTransformer3DModel` (or a `CogVideoXPipeline`'s) run the erased model.
+    """Makes a stock diffusers transformer (or a pipeline's) run the erased model.
 
     eraser_dir: an unlearn-jax eraser folder (adapter or LoRA erasers) or a published T2VUnlearning one.
     scale: the eraser scale; None uses the folder's (1.0 for the published format), 0 switches them off.
     The erasers take the dtype and device of the blocks' weights. Returns the transformer.
     """
-    transformer = _transformer_of(transformer)
+    transformer, family = _transformer_of(transformer)
     if getattr(transformer, _STATE, None):
         raise UnlearnError("erasers are already attached to this transformer; call detach_erasers first")
-    cfg, modules = read_eraser_folder(eraser_dir)
+    site = family.eraser_site_from_dict(dict(transformer.config))
+    cfg, modules = read_eraser_folder(eraser_dir, site)
     where = Path(eraser_dir)
-    blocks = transformer.transformer_blocks
+    blocks = transformer.get_submodule(site.torch_blocks)
     L = len(blocks)
-    attn0 = blocks[0].attn1
-    D = attn0.to_q.in_features
+    attn0 = blocks[0].get_submodule(site.torch_attention)
+    D = site.dim
     if cfg["num_layers"] is not None and cfg["dim"] is not None and (cfg["num_layers"], cfg["dim"]) != (L, D):
         raise ModelFamilyError(f"{where}: erasers for a transformer with {cfg['num_layers']} blocks of width "
                                f"{cfg['dim']}, but this one has {L} blocks of width {D} (another base model?)")
@@ -226,18 +246,21 @@ def attach_erasers(transformer, eraser_dir, scale: float | None = None):
     # the modules the folder should have for this transformer, and their constructors
     expected = {}
     for i, block in enumerate(blocks):
+        attn = block.get_submodule(site.torch_attention)
         if kind == "adapter":
-            expected[f"transformer_blocks.{i}.attn1.adapter"] = (block.attn1, "adapter",
-                                                                 functools.partial(AdapterEraser, D, rank, s))
+            expected[site.published_prefix.format(layer=i)] = (
+                attn, "adapter", functools.partial(AdapterEraser, D, rank, s, site.torch_output))
             continue
         for t in cfg["lora_targets"]:
-            sub = _LORA_MODULES[t]
-            lin = block.attn1.get_submodule(sub)
-            expected[f"transformer_blocks.{i}.attn1.{sub}.eraser_lora"] = (
+            if t not in site.torch_lora_modules:
+                raise ConversionError(f"{where}: unknown LoRA target {t!r}")
+            lin = attn.get_submodule(site.torch_lora_modules[t])
+            expected[f"{site.lora_module(t).format(layer=i)}.eraser_lora"] = (
                 lin, "eraser_lora", functools.partial(LoRAEraser, lin.in_features, lin.out_features, rank, s))
-    found_blocks = {int(m.group(1)) for k in modules if (m := re.match(r"^transformer_blocks\.(\d+)\.", k))}
+    block_key = re.compile(rf"^{re.escape(site.torch_blocks)}\.(\d+)\.")
+    found_blocks = {int(m.group(1)) for k in modules if (m := block_key.match(k))}
     if kind == "adapter":
-        probe = modules.get("transformer_blocks.0.attn1.adapter", {}).get("down.weight")
+        probe = modules.get(site.published_prefix.format(layer=0), {}).get("down.weight")
         if probe is not None and probe.ndim == 2:
             if probe.shape[1] != D or (found_blocks and max(found_blocks) + 1 != L):
                 raise ModelFamilyError(
@@ -262,7 +285,7 @@ def attach_erasers(transformer, eraser_dir, scale: float | None = None):
         raise ConversionError(f"{where}: erasers do not fit this transformer: missing {missing[:6]}, "
                               f"unexpected {unexpected[:6]}")
 
-    ref = attn0.to_q.weight
+    ref = attn0.get_submodule(site.torch_lora_modules["to_q"]).weight
     made = []
     try:
         for name, (parent, child, make) in expected.items():
@@ -286,7 +309,7 @@ def attach_erasers(transformer, eraser_dir, scale: float | None = None):
 
 def attached_erasers(transformer) -> list[nn.Module]:
     """The eraser modules attached to a transformer (empty if none)."""
-    state = getattr(_transformer_of(transformer), _STATE, None) or {"entries": []}
+    state = getattr(_transformer_of(transformer)[0], _STATE, None) or {"entries": []}
     return [getattr(parent, child) for parent, child, _ in state["entries"]]
 
 
@@ -302,7 +325,7 @@ def set_eraser_scale(transformer, scale: float):
 
 def detach_erasers(transformer):
     """Removes the attached erasers (hooks and modules): the transformer is the stock model again."""
-    transformer = _transformer_of(transformer)
+    transformer = _transformer_of(transformer)[0]
     state = getattr(transformer, _STATE, None)
     if state:
         for parent, child, handle in state["entries"]:

@@ -245,7 +245,7 @@ def evaluate_erasure(pipeline, erasers, cfg: EvalConfig, erased_concepts: Sequen
     the same prompts and noise, other concepts' prompts avoiding the erased ones.
     Returns {"base": report, "erased": report, "comparison": compare(...)} (`keep_videos`: each
     report also holds its "videos", as `evaluate`)."""
-    from unlearn_jax.erasers import attach_erasers
+    from unlearn_jax.erased_model import attach_erasers
 
     cfg = dataclasses.replace(cfg, avoid=tuple(erased_concepts))
     model, sched, world_cfg, encode = load_pipeline(pipeline)

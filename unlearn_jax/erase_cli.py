@@ -1,0 +1,28 @@
+"""`unlearn-jax erase --config CFG [--config.a.b=v ...]`: runs (or resumes) an erasure (`erase.Run`)."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register(sub):
+    p = sub.add_parser("erase", help="erase concepts: unlearn-jax erase --config configs/X.py [--config.a.b=v ...]")
+    p.add_argument("--config", required=True, help="an ml-collections config file (configs/*.py)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_main, takes_config_overrides=True)
+
+
+def _main(args) -> int:
+    from unlearn_jax.config import load_config
+    from unlearn_jax.erase import run_erase
+
+    cfg = load_config(args.config, getattr(args, "config_overrides", []))
+    summary = run_erase(cfg, progress=not args.no_progress)
+    table = summary.pop("table", None)
+    print(json.dumps(summary, indent=2))
+    if table:
+        print(table)
+    if summary["status"] == "interrupted":
+        print(f"stopped at step {summary['step']} (SIGTERM); the checkpoint is saved: rerun the same command to resume",
+              file=sys.stderr)
+    return 0
