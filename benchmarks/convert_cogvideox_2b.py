@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT.parent / "shared" / "data" / "model_configs" / "cogvideox_2b_transformer.json"
+CONFIG = ROOT / "tests" / "data" / "model_configs" / "cogvideox_2b_transformer.json"
 
 
 def make_checkpoint(folder: Path, config_path: Path, dtype: str):

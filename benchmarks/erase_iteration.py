@@ -1,4 +1,4 @@
-"""Benchmark: one erasure iteration (ALGORITHM.md §2, §4, §5), JAX against the PyTorch reference, on this machine.
+"""Benchmark: one erasure iteration (docs/METHOD.md §2, §4, §5), JAX against the PyTorch reference, on this machine.
 
     python benchmarks/erase_iteration.py [--j 10] [--repeats 3] [--attention xla,reference] [--layers 8] [--heads 8]
 
@@ -23,6 +23,7 @@ PyTorch runs; medians of `--repeats` after one warm-up; JAX compile time (AOT
 iteration (x_t after j steps, loss terms, mask fraction). Prints one JSON line.
 """
 import argparse
+from pathlib import Path
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ import time
 
 from bench_model import add_shape_args, diffusers_model
 
-SCHEDULER_JSON = "/work/shared/data/model_configs/cogvideox_2b_scheduler.json"
+SCHEDULER_JSON = str(Path(__file__).resolve().parents[1] / "tests" / "data" / "model_configs" /
+                     "cogvideox_2b_scheduler.json")
 
 
 def _uptime() -> str:
@@ -121,14 +123,14 @@ def main():
             nb = x_t.shape[0]
             ctx = batch["ctx"]
 
-            def qk_fn(q, k, text_len, extra):
-                return O.concept_attention_map(q[nb:], k[nb:], text_len, batch["concept_idx"],
+            def concept_fn(view, extra):
+                return O.concept_attention_map(view.select(slice(nb, None)), batch["concept_idx"],
                                                batch["concept_valid"], settings.mask_key_chunk)
             v, aux = step.velocity(base, None, jnp.concatenate([x_t, x_t]),
                                    jnp.concatenate([jnp.broadcast_to(batch["uncond"], ctx.shape), ctx]), t,
-                                   qk_fn=qk_fn)
+                                   concept_fn=concept_fn)
             v_neg = O.negative_target(v[:nb], v[nb:], batch["eta"])
-            masks = O.localization_masks(aux["qk"], step.grid, settings.mask_threshold, settings.mask_mode)
+            masks = O.localization_masks(aux["concept"], step.grid, settings.mask_threshold, settings.mask_mode)
             v_pre = step.velocity(base, None, batch["x_pre"], batch["pre_ctx"], t)[0]
             return jax.lax.stop_gradient((v_neg, masks, v_pre))
 

@@ -52,7 +52,7 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-CONFIG_DIR = Path("/work/shared/data/model_configs")
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "model_configs"
 GB = 1e9
 
 

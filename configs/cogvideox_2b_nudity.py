@@ -1,4 +1,4 @@
-"""Erase nudity from CogVideoX-2B (published 5B values; ALGORITHM.md §2: "CogVideoX-2B: same as 5B").
+"""Erase nudity from CogVideoX-2B (published 5B values; docs/METHOD.md §2: "CogVideoX-2B: same as 5B").
 
 unlearn-jax erase --config configs/cogvideox_2b_nudity.py --config.model.path /path/to/CogVideoX-2b
 """

@@ -22,7 +22,7 @@ def get_config():
     c.train.learning_rate = 1e-3
     c.train.checkpoint_every = 2
     c.export.formats = ["erasers"]
-    # One device: the tiny run is about the loop, not sharding (tests/test_erasure_sharding.py and
-    # tests/test_multihost.py cover meshes); it also keeps XLA:CPU collectives out of the loop tests.
+    # One device: the tiny run is about the loop, not sharding (tests/core/test_erasure_sharding.py and
+    # tests/core/test_multihost.py cover meshes); it also keeps XLA:CPU collectives out of the loop tests.
     c.mesh.shape = {"data": 1, "fsdp": 1, "tensor": 1}
     return c

@@ -1,8 +1,13 @@
 """Tiny CogVideoX transformers built with diffusers (random weights) for parity tests."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from repo_paths import MODEL_CONFIGS
 
 # Each variant: a tiny config of one real model family. Text length 13 and 3 latent frames
 # (not powers of two) are exercised by the tests.
@@ -78,3 +83,45 @@ def inputs(config: dict, batch: int = 2, frames: int = 3, height: int = 8, width
     ctx = rng.standard_normal((batch, text_len, config["text_embed_dim"])).astype(np.float32)
     t = rng.integers(0, 1000, size=(batch,)).astype(np.int64)
     return x, ctx, t
+
+
+# --------------------------------------------------------------------------------------------
+# A tiny CogVideoX pipeline with a VAE (sampling and evaluation tests)
+# --------------------------------------------------------------------------------------------
+CFG_2B = json.loads((MODEL_CONFIGS / "cogvideox_2b_scheduler.json").read_text())
+CFG_5B = json.loads((MODEL_CONFIGS / "cogvideox_5b_scheduler.json").read_text())
+TEXT_LEN = 16
+# video: 9 frames of 32x32 -> latents (3, 4, 4, 4) with the tiny VAE (8x spatial, 4x temporal)
+FRAMES, HEIGHT, WIDTH = 9, 32, 32
+LATENT = (3, 4, 4, 4)
+STEPS = 4
+VAE_CFG = dict(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
+               sample_height=64, sample_width=72)
+
+
+def perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random init leaves zero biases / unit norms: perturb everything
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return module.eval()
+
+
+def build_video_pipeline(folder: Path, rope: bool):
+    """A tiny CogVideoX pipeline folder with a VAE (2B-style DDIM, or 5B-style RoPE + DPM scheduler)."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+    from helpers_text import build_tiny_pipeline
+
+    folder, tok, enc = build_tiny_pipeline(folder, max_text_seq_length=TEXT_LEN)
+    torch.manual_seed(0)
+    tm = perturb(CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+        text_embed_dim=enc.config.d_model, num_layers=2, sample_width=4, sample_height=4, sample_frames=FRAMES,
+        max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=rope), 1)
+    tm.save_pretrained(folder / "transformer")
+    vae = perturb(AutoencoderKLCogVideoX(**VAE_CFG), 2)
+    vae.save_pretrained(folder / "vae")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(CFG_5B if rope else CFG_2B))
+    return folder, tok, enc, tm, vae

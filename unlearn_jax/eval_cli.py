@@ -2,7 +2,7 @@
 
 Published prompt sets (a real CogVideoX pipeline):
     unlearn-jax eval --model PIPELINE_DIR --erasers ERASERS_DIR --out-dir DIR \
-        --prompts ../shared/data/eval_prompts/nudity_cogvideox.csv [--prompts ...] --metrics nudity
+        --prompts nudity_cogvideox [--prompts nudity-ring-a-bell | F.csv ...] --metrics nudity
 writes DIR/per_frame.csv, summary.json, comparison.md (printed) and contact_sheet.png
 (unlearn_jax.eval.protocol); `--save-videos` also keeps every video as DIR/videos/<model>/<set>/<name>.mp4.
 
@@ -80,7 +80,7 @@ def _main(a) -> int:
     if not a.prompts:
         if not (model / "toy_world.json").is_file():
             raise UnlearnError(f"{model} is not a toy-world pipeline: name the prompt sets to evaluate with --prompts "
-                               "(e.g. ../shared/data/eval_prompts/nudity_cogvideox.csv)")
+                               "(a bundled set by name, e.g. nudity_cogvideox, or a CSV file)")
         return _toy(a, model)
     if a.erased_concepts:
         raise UnlearnError("--erased-concepts is for the toy world (no --prompts)")

@@ -448,7 +448,7 @@ class ObjectMetric(Metric):
     The class of an item is its ``class`` column (a name of `classes`, case-insensitive, an ImageNet
     WordNet id of Imagenette, or an integer index). Accuracy is over frames. With `erased` (one
     class name), ``esr1/esr5`` = 1 - top-k accuracy on the erased class and ``psr1/psr5`` = mean
-    top-k accuracy over the other classes (ALGORITHM.md section 7).
+    top-k accuracy over the other classes (docs/METHOD.md §7).
     """
 
     name = "object"

@@ -2,7 +2,7 @@
 
 A frame is *nude* when NudeNet (``nudenet`` 3.4.x, its bundled 320n ONNX detector) finds any of
 the eight ``*_EXPOSED`` classes in `EXPOSED_CLASSES`; the **nudity rate** is the fraction of nude
-frames over every frame of every video of a prompt set (ALGORITHM.md section 7).
+frames over every frame of every video of a prompt set (docs/METHOD.md §7).
 
 The counting functions here are pure: they take NudeNet's own output, one list of
 ``{"class": str, "score": float, "box": [x, y, w, h]}`` per frame, and never import nudenet.

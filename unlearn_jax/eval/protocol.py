@@ -14,7 +14,7 @@
   the detection boxes drawn.
 
 ``load_prompt_set`` (from `unlearn_jax.prompt_sets`, re-exported here) reads the published prompt
-CSVs (../shared/data/eval_prompts/).
+CSVs (bundled in unlearn_jax/data/prompt_sets/, loadable by name).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A plain PyTorch reference of one erasure iteration (ALGORITHM.md §2, §4, §5) on a stock diffusers
+"""A plain PyTorch reference of one erasure iteration (docs/METHOD.md §2, §4, §5) on a stock diffusers
 `CogVideoXTransformer3DModel`, for parity tests and benchmarks of the JAX training step.
 
     ref = ReferenceIteration(transformer, phi, latent_shape=(F, C, H, W), alpha_loc=1.0, beta_pre=1.0)

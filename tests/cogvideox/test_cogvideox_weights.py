@@ -16,9 +16,8 @@ from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError
 from unlearn_jax.conversion import module_targets
 from unlearn_jax.models.cogvideox import CogVideoXConfig, abstract_model, rule_table
 from unlearn_jax.parallel import DEFAULT_RULES
-from repo_paths import MODEL_CONFIGS
+from repo_paths import MODEL_CONFIGS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = MODEL_CONFIGS
 
 

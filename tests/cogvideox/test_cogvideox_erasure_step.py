@@ -58,7 +58,7 @@ def _step(model, ec, latent_shape, **kw):
 
 
 # ---------------------------------------------------------------------------------------------
-# The PyTorch reference of one iteration (ALGORITHM.md §2, §4, §5), written on diffusers' model
+# The PyTorch reference of one iteration (docs/METHOD.md §2, §4, §5), written on diffusers' model
 # ---------------------------------------------------------------------------------------------
 def torch_reference(tmodel, cfg, phi, batch):
     """Loss terms, unclipped gradients and masks of the shared PyTorch reference (unlearn_jax.torch.reference)."""

@@ -22,8 +22,8 @@ from unlearn_jax import erased_model, eraser_io, export
 from unlearn_jax.erasers import EraserConfig, eraser_hooks, init_erasers
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.models.cogvideox import CogVideoXConfig
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = tiny_config("5b_rope")  # RoPE: the rotary embedding is passed to diffusers as the pipeline does
 ATOL = 1e-5
 RANK = 4

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from helpers_erase import build_erase_pipeline
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:

@@ -9,8 +9,9 @@ import pytest
 
 from unlearn_jax.toy import world as W
 from unlearn_jax.toy.detector import accuracy, degrade, detect, detect_batch
+from repo_paths import TOY_WORLD
 
-ASSET = Path(__file__).resolve().parents[1] / "assets" / "toy_world"
+ASSET = TOY_WORLD
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,60 +7,24 @@ from __future__ import annotations
 import csv
 import json
 import re
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline,
-    CogVideoXTransformer3DModel,
-)
+from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler, CogVideoXPipeline
 
-from helpers_text import build_tiny_pipeline
+from helpers_cogvideox import CFG_2B, CFG_5B, FRAMES, HEIGHT, LATENT, STEPS, TEXT_LEN, WIDTH  # noqa: F401
+from helpers_cogvideox import build_video_pipeline as _build
 from unlearn_jax.cli import main as cli_main
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.families.cogvideox import decoded_frames
 from unlearn_jax.generate import SamplingPlan, VideoGenerator, jax_noise, torch_noise
 from unlearn_jax.video_io import read_mp4, write_mp4
-from repo_paths import MODEL_CONFIGS
+from repo_paths import MODEL_CONFIGS, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy_world"
 CONFIGS = MODEL_CONFIGS
-CFG_2B = json.loads((CONFIGS / "cogvideox_2b_scheduler.json").read_text())
-CFG_5B = json.loads((CONFIGS / "cogvideox_5b_scheduler.json").read_text())
-TEXT_LEN = 16
-# video: 9 frames of 32x32 -> latents (3, 4, 4, 4) with the tiny VAE (8x spatial, 4x temporal)
-FRAMES, HEIGHT, WIDTH = 9, 32, 32
-LATENT = (3, 4, 4, 4)
-STEPS = 4
-VAE_CFG = dict(block_out_channels=(8, 16, 16, 16), latent_channels=4, layers_per_block=1, norm_num_groups=4,
-               sample_height=64, sample_width=72)
-
-
-def _perturb(module, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # random init leaves zero biases / unit norms: perturb everything
-        for p in module.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    return module.eval()
-
-
-def _build(folder: Path, rope: bool):
-    folder, tok, enc = build_tiny_pipeline(folder, max_text_seq_length=TEXT_LEN)
-    torch.manual_seed(0)
-    tm = _perturb(CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
-        text_embed_dim=enc.config.d_model, num_layers=2, sample_width=4, sample_height=4, sample_frames=FRAMES,
-        max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=rope), 1)
-    tm.save_pretrained(folder / "transformer")
-    vae = _perturb(AutoencoderKLCogVideoX(**VAE_CFG), 2)
-    vae.save_pretrained(folder / "vae")
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(CFG_5B if rope else CFG_2B))
-    return folder, tok, enc, tm, vae
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import pytest
 from helpers_erase import build_erase_pipeline, tiny_erase_config
 from unlearn_jax.erase import NonFiniteLoss, Run, run_erase
 from unlearn_jax.errors import UnlearnError
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

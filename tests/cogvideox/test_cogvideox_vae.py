@@ -17,8 +17,8 @@ from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError  
 from unlearn_jax.models.cogvideox_vae import (  # noqa: E402
     CONV2D, CONV3D, TileSpec, VAEConfig, frame_chunks, load_vae, param_shapes, vae_rule_table,
 )
+from repo_paths import MODEL_CONFIGS
 
-DATA = Path(__file__).parent / "data"
 
 # The real block structure (4 blocks: two compress time, one is spatial only, the last does not
 # resample) with tiny widths.
@@ -155,7 +155,7 @@ def test_pipeline_folder_dtype_mesh_and_export(torch_vae, jax_vae, tmp_path):
 
 @pytest.mark.parametrize("variant,scaling", [("2b", 1.15258426), ("5b", 0.7)])
 def test_rule_table_covers_full_cogvideox_vae(variant, scaling):
-    raw = json.loads((DATA / "cogvideox_2b_vae_config.json").read_text())
+    raw = json.loads((MODEL_CONFIGS / "cogvideox_2b_vae.json").read_text())
     raw["scaling_factor"] = scaling
     config = VAEConfig.from_dict(raw)
     assert config.scaling_factor == scaling and config.block_out_channels == (128, 256, 256, 512)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from unlearn_jax.cli import main as cli_main
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "assets" / "toy_world"
 
 
@@ -70,7 +70,8 @@ def test_eval_needs_prompts_for_a_real_pipeline(tmp_path, capsys):
 
 def test_prompt_set_eval_on_a_tiny_pipeline(tmp_path, capsys):
     pytest.importorskip("nudenet")
-    from test_sample import FRAMES, _build
+    from helpers_cogvideox import FRAMES
+    from helpers_cogvideox import build_video_pipeline as _build
 
     pipe = _build(tmp_path / "pipe", rope=False)[0]
     erasers = _random_erasers(pipe, tmp_path / "erasers")

@@ -185,3 +185,30 @@ def test_errors_are_one_line_and_name_file_and_line(tmp_path):
         PS.load_prompt_set(p, limit=0)
     with pytest.raises(UnlearnError, match="no 'normal prompt' column"):
         PS.load_prompt_set(p, prompt_column="normal prompt")
+
+
+def test_bundled_sets_load_by_name_from_an_installed_package(tmp_path):
+    """A regular (non-editable) install carries the published sets: they load by name from site-packages."""
+    import shutil
+    import subprocess
+    import sys
+
+    from repo_paths import ROOT
+
+    src = tmp_path / "src"
+    shutil.copytree(ROOT / "unlearn_jax", src / "unlearn_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    target = tmp_path / "site"
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                        "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    code = ("import unlearn_jax.prompt_sets as PS; "
+            "items = PS.load_prompt_set('nudity_cogvideox'); "
+            "print(len(items), PS.resolve_prompt_set('nudity-ring-a-bell.csv'), PS.__file__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    n, path, module = r.stdout.split()
+    assert n == "100" and path.startswith(str(target)) and module.startswith(str(target))
+    assert sorted(p.stem for p in (target / "unlearn_jax" / "data" / "prompt_sets").glob("*.csv")) == sorted(PS.BUNDLED)

@@ -13,8 +13,8 @@ import pytest
 from unlearn_jax.config import load_config
 from unlearn_jax.toy import evaluate as E
 from unlearn_jax.toy.erasure import concept_entries, concept_entry
+from repo_paths import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_concept_entry_uses_train_synonyms_only():
