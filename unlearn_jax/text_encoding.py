@@ -148,16 +148,21 @@ class LoadedEncoder:
         graphdef = self.graphdef
 
         @jax.jit
-        def forward(state, input_ids):
-            return nnx.merge(graphdef, state)(input_ids)
+        def forward(state, input_ids, attention_mask):
+            return nnx.merge(graphdef, state)(input_ids, attention_mask)
 
         self._forward = forward
 
-    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Last hidden states (N, L, d_model) float32; `attention_mask` (N, L) as transformers takes it
+        (CogVideoX's pipeline passes none: padding tokens take part in attention)."""
         ids = np.asarray(input_ids, np.int32)
+        mask = None if attention_mask is None else np.asarray(attention_mask, bool)
         if self.mesh is not None:
-            ids = jax.device_put(ids, jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-        return np.asarray(jax.device_get(self._forward(self.state, ids)), np.float32)
+            repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+            ids = jax.device_put(ids, repl)
+            mask = None if mask is None else jax.device_put(mask, repl)
+        return np.asarray(jax.device_get(self._forward(self.state, ids, mask)), np.float32)
 
 
 def _load_tokenizer(folder: Path):
@@ -293,3 +298,84 @@ class T5Text(TextSide):
         from unlearn_jax.prompts import concept_token_mask
 
         return concept_token_mask(self.tokenizer, list(prompts), phrases, self.max_length, fallback=fallback)
+
+
+# --------------------------------------------------------------------------------------------
+# Wan's text side: UMT5 with the attention mask, embeddings cut at each prompt's length
+# --------------------------------------------------------------------------------------------
+WAN_MAX_LENGTH = 512  # WanPipeline's max_sequence_length
+
+
+def wan_prompt_clean(text: str) -> str:
+    """WanPipeline's `prompt_clean`: ftfy's fix_text (when installed, as there), HTML entities
+    unescaped twice, whitespace runs collapsed."""
+    import html
+    import re
+
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:  # diffusers skips it too when ftfy is missing
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class WanT5Text(TextSide):
+    """A Wan pipeline's UMT5 as `WanPipeline.encode_prompt` uses it: the cleaned prompt tokenized to
+    512 tokens with the mask, the encoder run with the mask, the hidden states kept up to each
+    prompt's length and zero after it. The conditioning is that (N, 512, 4096) array."""
+
+    def __init__(self, pipeline_dir: str | os.PathLike, max_length: int = WAN_MAX_LENGTH,
+                 cache: EncoderCache | None = None):
+        self.pipeline_dir = _folders(pipeline_dir)[0]
+        self.max_length = resolve_max_length(self.pipeline_dir, max_length)
+        self.cache = cache
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = _load_tokenizer(self.pipeline_dir / "tokenizer")
+        return self._tokenizer
+
+    def encode(self, prompts, *, dtype=None, mesh=None, batch_size: int = 8) -> np.ndarray:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad:
+            raise UnlearnError(f"prompts must be strings; prompt {bad[0]} is {type(prompts[bad[0]]).__name__}")
+        if batch_size < 1:
+            raise UnlearnError(f"batch_size must be >= 1, got {batch_size}")
+        encoder = (DEFAULT_CACHE if self.cache is None else self.cache).get(self.pipeline_dir, dtype=dtype, mesh=mesh)
+        if not prompts:
+            return np.zeros((0, self.max_length, encoder.d_model), np.float32)
+        tok = encoder.tokenizer([wan_prompt_clean(p) for p in prompts], padding="max_length",
+                                max_length=self.max_length, truncation=True, add_special_tokens=True,
+                                return_attention_mask=True, return_tensors="np")
+        ids, mask = np.asarray(tok.input_ids, np.int32), np.asarray(tok.attention_mask, bool)
+        bs = min(batch_size, len(prompts))
+        out = []
+        for start in range(0, len(ids), bs):
+            i, m = ids[start:start + bs], mask[start:start + bs]
+            n = len(i)
+            if n < bs:  # one compiled shape for every batch
+                i, m = np.concatenate([i, np.repeat(i[:1], bs - n, 0)]), np.concatenate([m, np.repeat(m[:1], bs - n, 0)])
+            out.append(encoder(i, m)[:n])
+        emb = np.concatenate(out)
+        # the pipeline keeps each prompt's first seq_len states and pads with zeros (right padding: the mask)
+        return np.where(mask[..., None], emb, np.float32(0.0))
+
+    def fingerprint(self, dtype=None) -> str:
+        # a tag of its own: the same encoder gives other embeddings than CogVideoX's unmasked path
+        return hashlib.sha256(b"wan-umt5-masked|" + encoder_fingerprint(self.pipeline_dir, self.max_length,
+                                                                         dtype=dtype).encode()).hexdigest()
+
+    def concept_mask(self, prompts, phrases, fallback: str = "all") -> np.ndarray:
+        from unlearn_jax.prompts import concept_token_mask
+
+        phrases = [phrases] if isinstance(phrases, str) else list(phrases)
+        return concept_token_mask(self.tokenizer, [wan_prompt_clean(p) for p in prompts],
+                                  [wan_prompt_clean(p) for p in phrases], self.max_length, fallback=fallback)
