@@ -2,7 +2,7 @@
 """Export an unlearn-jax checkpoint or eraser folder to the PyTorch world.
 
     python tools/convert_weights/jax_to_diffusers.py CKPT OUT --format diffusers|t2vunlearning|lora
-                                                     [--base BASE_MODEL_DIR] [--dtype bfloat16]
+                                                     [--base BASE_MODEL_DIR] [--dtype bfloat16] [--overwrite]
 
 CKPT is a transformer checkpoint (an orbax checkpoint of ours, or any folder load_transformer reads) or
 an eraser folder (eraser_config.json + erasers.safetensors, or the published T2VUnlearning format).
@@ -14,6 +14,10 @@ an eraser folder (eraser_config.json + erasers.safetensors, or the published T2V
 --format t2vunlearning  adapter erasers: eraser_config.json + eraser_weights.pt (+ .safetensors), the layout
                         of the T2VUnlearning authors' inference scripts.
 --format lora           LoRA erasers: pytorch_lora_weights.safetensors for the pipeline's `load_lora_weights`.
+
+An existing OUT is never replaced unless it is an earlier output of unlearn-jax and --overwrite is
+given; a file or a folder holding anything else is refused. Weights and erasers must be floating
+point. Exit codes: unlearn_jax.exit_codes (2: a mistake to fix, said in one line).
 """
 import argparse
 import sys
@@ -25,28 +29,40 @@ FORMATS = ("diffusers", "t2vunlearning", "lora")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("ckpt", help="a transformer checkpoint folder or an eraser folder")
-    ap.add_argument("out", help="output folder (written atomically)")
+    ap.add_argument("out", help="output folder (written atomically; must not exist, or see --overwrite)")
     ap.add_argument("--format", default="diffusers", choices=FORMATS)
     ap.add_argument("--base", default=None,
                     help="the base diffusers transformer (or pipeline) folder the erasers were trained on: checks "
                          "the erasers against it; needed to merge lora/attn/full erasers (--format diffusers)")
     ap.add_argument("--dtype", default=None, help="write tensors in this dtype; default: the checkpoint's")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT if it is an output unlearn-jax wrote (never anything else)")
     args = ap.parse_args(argv)
-    from unlearn_jax.errors import UnlearnError
+    from unlearn_jax.tool_edges import run_tool
 
-    try:
-        t0 = time.perf_counter()
-        note = _convert(args)
-    except UnlearnError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_tool(lambda: _run(args))
+
+
+def _run(args):
+    from unlearn_jax.tool_edges import check_output
+    from unlearn_jax.weight_checks import refuse_non_floating
+
+    t0 = time.perf_counter()
+    check_output(args.out, args.overwrite, inputs=[args.ckpt, args.base])  # before the slow part
+    from unlearn_jax.dtypes import as_dtype
+
+    as_dtype(args.dtype, "--dtype")
+    refuse_non_floating(args.ckpt)
+    if args.base is not None:
+        refuse_non_floating(args.base, "base model weights")
+    note = _convert(args)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)")
     if note:
         print(note)
-    return 0
 
 
 def _convert(args) -> str | None:
+    from unlearn_jax.atomic import write_dir
     from unlearn_jax.eraser_io import is_eraser_folder, load_erasers, stored_base_config
     from unlearn_jax.export import export
     from unlearn_jax.errors import UnlearnError
@@ -58,7 +74,8 @@ def _convert(args) -> str | None:
                                f"--format {args.format} exports erasers")
         if args.base is not None:
             raise UnlearnError("--base is for eraser folders; a transformer checkpoint is converted as it is")
-        save_transformer(load_transformer(args.ckpt, progress=True), args.out, dtype=args.dtype)
+        model = load_transformer(args.ckpt, progress=True)
+        write_dir(args.out, lambda folder: save_transformer(model, folder, dtype=args.dtype), overwrite=args.overwrite)
         return None
     base = load_transformer(args.base, progress=True) if args.base is not None else None
     cfg, phi = load_erasers(args.ckpt, base)
@@ -66,7 +83,8 @@ def _convert(args) -> str | None:
     if model is None:
         raise UnlearnError(f"{args.ckpt}: a published-format eraser folder records no base model: give the base "
                            "model with --base BASE_MODEL_DIR")
-    export(args.out, args.format, cfg, phi, model, base_model=base, dtype=args.dtype)
+    write_dir(args.out, lambda folder: export(folder, args.format, cfg, phi, model, base_model=base, dtype=args.dtype),
+              overwrite=args.overwrite)
     if cfg.kind == "adapter":
         return (f"load it in diffusers with: import unlearn_jax.torch; "
                 f"unlearn_jax.torch.attach_erasers(pipe.transformer, {str(args.out)!r})")
