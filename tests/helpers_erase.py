@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from helpers_text import build_tiny_pipeline
@@ -21,6 +22,7 @@ def build_erase_pipeline(folder, seed: int = 0, **transformer_overrides) -> Path
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
         text_embed_dim=enc.config.d_model, num_layers=2, sample_width=8, sample_height=8, sample_frames=5,
         max_text_seq_length=TEXT_LEN, use_rotary_positional_embeddings=True, **transformer_overrides))
+    shutil.rmtree(folder / "transformer")  # build_tiny_pipeline's config stub; the saver never replaces a folder
     save_transformer(CogVideoXTransformer(cfg, rngs=nnx.Rngs(seed)), folder / "transformer")
     (folder / "scheduler").mkdir(exist_ok=True)
     sched = json.loads((MODEL_CONFIGS / "cogvideox_2b_scheduler.json").read_text())

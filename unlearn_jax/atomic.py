@@ -32,34 +32,29 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, overwrite: bool | None = None, *, root: str | os.PathLike | None = None,
-               flag: str = "--overwrite") -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False, *, root: str | os.PathLike | None = None,
+               flag: str = "overwrite=True") -> Iterator[Path]:
     """Yields a fresh temporary folder beside `path`; on success it replaces `path` as a whole.
 
     On an exception the temporary folder is removed and an existing `path` is left untouched.
 
     overwrite says what may be replaced:
-      None  (the original behaviour, kept for callers not yet updated): whatever is at `path`.
       False a new output: `path` must be absent or an empty folder.
       True  our own output: `path` may also be a folder this project wrote (`is_ours`).
-    With False / True, `path` is checked (`check_output_dir`, one-line UnlearnError) before the body
-    runs and again before the swap, and the written folder holds the `MARKER` listing its entries.
+    `path` is checked (`check_output_dir`, one-line UnlearnError) before the body runs and again
+    before the swap, and the written folder holds the `MARKER` listing its entries.
     root: `path` must resolve inside it (nothing is written through a link out of it).
+    flag: how the caller's user asks for an overwrite (a command's "--overwrite"), for the messages.
     """
     path = Path(path)
-    guarded = overwrite is not None
-    if guarded:
-        check_output_dir(path, overwrite, root, flag)
-    elif root is not None:
-        _check_inside(root, path)
+    check_output_dir(path, overwrite, root, flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be a normal folder
     try:
         yield tmp
-        if guarded:
-            _write_marker(tmp)
-            check_output_dir(path, overwrite, root, flag)  # again: the body may have run for hours
+        _write_marker(tmp)
+        check_output_dir(path, overwrite, root, flag)  # again: the body may have run for hours
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

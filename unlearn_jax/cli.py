@@ -35,14 +35,19 @@ def main(argv=None) -> int:
         print(f"error: {args.command} takes no --config.* overrides", file=sys.stderr)
         return 2
     args.config_overrides = overrides
+    from unlearn_jax import exit_codes
+
     try:
         return int(args.func(args) or 0)
     except UnlearnError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.for_exception(e)
+    except OSError as e:  # a full disk, a read-only folder...: one line, and the files stay as they were
+        print(f"error: {exit_codes.describe_os_error(e)}", file=sys.stderr)
+        return exit_codes.for_exception(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_codes.SIGINT
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ConfigDict:
         raise UnlearnError(f"{path}: the config file fails to run: {type(e).__name__}: {e}") from None
     if not hasattr(module, "get_config"):
         raise UnlearnError(f"{path}: a config file must define get_config()")
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as e:  # the config file's own code failed: say where, in one line
+        raise UnlearnError(f"{path}: get_config() fails: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     for item in overrides:
         apply_override(cfg, item)
     return cfg

@@ -324,6 +324,20 @@ def plan_import(table: RuleTable, torch_shapes: Mapping[str, Shape], targets: Ma
     return plan
 
 
+FLOATING = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
+
+
+def refuse_non_floating(dtypes: Mapping[str, np.dtype], where: str):
+    """One line when a checkpoint holds integer (or other non-float) tensors: cast into the model they would
+    silently become other values. Checked from the headers, before any tensor is read."""
+    bad = {k: np.dtype(d).name for k, d in dtypes.items() if np.dtype(d) not in FLOATING}
+    if bad:
+        key, dt = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConversionError(f"{where}: tensor {key} is {dt}{more}; weights must be floating point (float32, "
+                              "bfloat16 or float16): integer tensors would be cast silently into other values")
+
+
 def load_params(reader: SafetensorsReader, table: RuleTable, targets: Mapping[str, Target], where: str,
                 progress: bool = False) -> dict[str, jax.Array]:
     """Reads every tensor once and places it straight into its sharded JAX leaf.
@@ -333,6 +347,7 @@ def load_params(reader: SafetensorsReader, table: RuleTable, targets: Mapping[st
     second copy of the whole checkpoint.
     """
     plan = plan_import(table, {k: reader.shape(k) for k in reader.keys()}, targets, where)
+    refuse_non_floating({e.torch_key: reader.dtype(e.torch_key) for es in plan.values() for e in es}, where)
     out = {}
     # Largest leaves first: while a leaf is put on its devices its host buffer briefly coexists with
     # the device copy, and that overlap is smallest when few other leaves are resident yet.

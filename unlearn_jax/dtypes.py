@@ -9,6 +9,7 @@ from unlearn_jax.errors import UnlearnError
 _ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
             "float16": "float16", "fp16": "float16"}
 NAMES = ("float32", "bfloat16", "float16")
+ALIASES = tuple(_ALIASES)  # every name `dtype_name` / `as_dtype` read
 
 
 def dtype_name(dtype, what: str = "dtype") -> str:

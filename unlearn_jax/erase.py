@@ -25,7 +25,22 @@ LOGGED = ("loss", "loss_unlearn", "loss_loc", "loss_pre", "grad_norm", "t", "j",
 
 
 class NonFiniteLoss(UnlearnError):
-    pass
+    from unlearn_jax.exit_codes import NON_FINITE_LOSS as exit_code
+
+
+def prepare_workdir(workdir: Path) -> Path:
+    """The workdir, created if needed; a path that is a file or cannot be written is one line."""
+    import os
+
+    if workdir.exists() and not workdir.is_dir():
+        raise UnlearnError(f"config.workdir={workdir}: exists and is a file; give a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UnlearnError(f"config.workdir={workdir}: cannot be created ({e.strerror})") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UnlearnError(f"config.workdir={workdir}: is not writable; choose another --config.workdir")
+    return workdir
 
 
 def _maybe_init_distributed(cfg):
@@ -73,9 +88,37 @@ class Run:
 
     def __init__(self, cfg, progress: bool = True):
         import jax
+
+        from unlearn_jax.erase_checks import validate_erase_config
+
+        validate_erase_config(cfg)  # every field, before any work
+        self.cfg, self.progress = cfg, progress
+        _maybe_init_distributed(cfg)
+        self.is_main = jax.process_index() == 0
+        self.workdir = prepare_workdir(Path(cfg.workdir))
+        self.lock = None
+        if self.is_main:  # one run per workdir: a second one is refused, naming the first
+            from unlearn_jax.workdir_lock import WorkdirLock
+
+            self.lock = WorkdirLock(self.workdir, "unlearn-jax erase").acquire()
+        try:
+            self._setup(cfg, progress)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Releases the workdir (also done at the end of `train`)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _setup(self, cfg, progress: bool):
+        import jax
         from flax import nnx
 
         from unlearn_jax import families
+        from unlearn_jax.atomic import safe_child
         from unlearn_jax.erase_data import build_erase_data, concept_specs
         from unlearn_jax.erasers import EraserConfig, eraser_axes, init_erasers
         from unlearn_jax.loading import load_transformer, resolve_transformer_dir
@@ -83,15 +126,12 @@ class Run:
         from unlearn_jax.schedulers import make_schedule
         from unlearn_jax.train import ErasureStep, StepSettings, init_state, make_optimizer
 
-        if not cfg.model.path:
-            raise UnlearnError("config.model.path is not set: pass --config.model.path=/path/to/pipeline")
-        self.cfg, self.progress = cfg, progress
-        _maybe_init_distributed(cfg)
-        self.is_main = jax.process_index() == 0
-        self.workdir = Path(cfg.workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
         self.pipeline = Path(cfg.model.path)
         resolve_transformer_dir(self.pipeline)
+        families.of_folder(self.pipeline).check_folder(self.pipeline)
+        # nothing of the run is written through a link out of its workdir
+        self.checkpoint_dir = safe_child(self.workdir, "checkpoints")
+        self.export_dir = safe_child(self.workdir, "export")
         self.rules = tuple(tuple(r) for r in cfg.mesh.rules) if cfg.mesh.rules else DEFAULT_RULES
         self.mesh = make_mesh(dict(cfg.mesh.shape))
         shards = self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1)
@@ -105,7 +145,7 @@ class Run:
                                       remat=cfg.model.remat, progress=progress and self.is_main)
         self.latent_shape = latent_shape(cfg, self.pipeline, self.model)
         specs = concept_specs(cfg.concepts)
-        cache = cfg.prompts.cache_dir or str(self.workdir / "embedding_cache")
+        cache = cfg.prompts.cache_dir or str(safe_child(self.workdir, "embedding_cache"))
         self.data = build_erase_data(self.pipeline, specs, default_eta=cfg.erase.eta, prompts_file=cfg.prompts.file,
                                      augment=cfg.prompts.augment, n_augment=cfg.prompts.num_augmented,
                                      max_concept_tokens=cfg.prompts.max_concept_tokens,
@@ -224,40 +264,68 @@ class Run:
         return {"x": np.stack(xs), "x_pre": np.stack(xps), "rows": rows_all, "pre_rows": pre_all}
 
     # ---- checkpoints ---------------------------------------------------------------------------
+    def _good_step(self) -> int | None:
+        """The newest checkpoint whose files match their checksums; corrupt newer ones are set aside
+        (renamed `<step>.corrupt`, never deleted), saying so. Called before the manager lists the steps."""
+        from unlearn_jax.checkpoint_integrity import CheckpointCorrupt, check_steps, latest_good_step, quarantine
+
+        good, message = latest_good_step(self.checkpoint_dir)
+        if message and self.is_main:
+            print(f"note: {message}", file=sys.stderr)
+        if good is None and message:
+            raise CheckpointCorrupt(f"{message}; move {self.checkpoint_dir} away to start the run again")
+        if self.is_main:
+            for step, v in check_steps(self.checkpoint_dir):
+                if good is not None and step > good and not v.ok:
+                    print(f"note: {v.step_dir} set aside as {quarantine(v.step_dir).name}", file=sys.stderr)
+        if jax_process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("unlearn-jax checkpoint check")
+        self.last_good = good
+        return good
+
     def _manager(self):
         import orbax.checkpoint as ocp
 
         opts = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.train.keep_checkpoints, create=True)
-        return ocp.CheckpointManager((self.workdir / "checkpoints").absolute(), options=opts)
+        return ocp.CheckpointManager(self.checkpoint_dir.absolute(), options=opts)
 
     def _save(self, mngr, step: int):
+        """Saves a step and writes its checksums; a step already saved (a rerun of a finished run) is kept."""
         import orbax.checkpoint as ocp
 
+        from unlearn_jax.checkpoint_integrity import verify, write_manifest
+
+        if step in mngr.all_steps() and verify(self.checkpoint_dir / str(step)).ok:
+            return
         mngr.save(step, args=ocp.args.StandardSave(self.state), force=True)
         mngr.wait_until_finished()
+        if self.is_main:
+            write_manifest(self.checkpoint_dir / str(step))
+        self.last_good = step
 
-    def _restore(self, mngr) -> int:
+    def _restore(self, mngr, step: int | None) -> int:
         import jax
         import orbax.checkpoint as ocp
 
-        latest = mngr.latest_step()
-        if latest is None:
+        if step is None:
             return 0
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), self.state,
                                 self.state_sharding)
-        self.state = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        self.state = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
         return int(self.state.step)
 
     def _check_config_compatible(self):
+        """A workdir's earlier run is resumed only with the fields that shape its trajectory unchanged."""
+        from unlearn_jax.erase_checks import check_resume
+        from unlearn_jax.jsonfiles import read_json_object
+
         path = self.workdir / "config.json"
         if not path.exists():
             return
-        old = json.loads(path.read_text())
-        new = json.loads(self._config_json())
-        for section in ("model", "eraser", "concepts", "erase", "sampler", "video", "seed"):
-            if old.get(section) != new.get(section) and section != "model":
-                raise UnlearnError(f"{self.workdir}: holds a run with another config.{section}; resume it with the same "
-                                   f"config or choose another --config.workdir")
+        old = read_json_object(path, "run config (move the workdir away to start over)")
+        check_resume(old, json.loads(self._config_json()), self.workdir)
 
     def _config_json(self) -> str:
         from unlearn_jax.config import to_json
@@ -266,7 +334,15 @@ class Run:
 
     # ---- the loop ------------------------------------------------------------------------------
     def train(self, stop_after_steps: int | None = None) -> dict:
-        """Runs to `train.num_steps` (or `stop_after_steps` more steps); resumes from the latest checkpoint."""
+        """Runs to `train.num_steps` (or `stop_after_steps` more steps); resumes from the latest good
+        checkpoint; a finished run only completes what is missing (export, evaluation). Releases the
+        workdir at the end."""
+        try:
+            return self._train(stop_after_steps)
+        finally:
+            self.close()
+
+    def _train(self, stop_after_steps: int | None) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -275,8 +351,9 @@ class Run:
         if self.is_main:
             with atomic_file(self.workdir / "config.json", "w") as f:
                 f.write(self._config_json())
+        good = self._good_step()
         mngr = self._manager()
-        start = self._restore(mngr)
+        start = self._restore(mngr, good)
         metrics_path = self.workdir / "metrics.jsonl"
         history = _read_metrics(metrics_path, below=start)
         if self.is_main:
@@ -296,12 +373,13 @@ class Run:
                 new_state, m = self.jit_step(self.state, self.base, batch)
                 m = {k: _scalar(v) for k, v in m.items()}
                 if not math.isfinite(m["loss"]):
-                    # The donated old state is gone; the last checkpoint stays the last good one.
+                    # The donated old state is gone; the last verified checkpoint is kept as it is.
                     status = "non_finite"
+                    kept = (f"{self.checkpoint_dir} keeps the last verified checkpoint (step {self.last_good})"
+                            if self.last_good is not None else "no checkpoint was written yet")
                     raise NonFiniteLoss(f"step {step}: loss is {m['loss']} (terms: "
                                         f"{ {k: m[k] for k in ('loss_unlearn', 'loss_loc', 'loss_pre')} }); the run "
-                                        f"stopped and {self.workdir / 'checkpoints'} keeps the last good checkpoint. "
-                                        "Lower train.learning_rate or erase.eta and resume")
+                                        f"stopped and {kept}. Lower train.learning_rate or erase.eta and resume")
                 self.state = new_state
                 rec = {"step": step + 1, **{k: m[k] for k in LOGGED if k in m},
                        "seconds": round(time.perf_counter() - t0, 4)}
@@ -415,18 +493,21 @@ class Run:
     def export(self, phi) -> list[str]:
         """Writes the configured export formats of the trained erasers `phi` (host arrays)."""
         from unlearn_jax import eraser_io, export
+        from unlearn_jax.atomic import safe_child
 
         out = []
+        # replaces an earlier export of this run (a rerun), never anything else, never through a link
+        kw = dict(overwrite=True, root=self.workdir)
         for fmt in self.cfg.export.formats:
-            target = self.workdir / "export" / fmt
+            target = safe_child(self.export_dir, fmt)
             if fmt == "erasers":
-                eraser_io.save_erasers(target, self.eraser, phi, self.model.config)
+                eraser_io.save_erasers(target, self.eraser, phi, self.model.config, **kw)
             elif fmt == "t2vunlearning":
-                export.export_t2vunlearning(target, self.eraser, phi, self.model)
+                export.export_t2vunlearning(target, self.eraser, phi, self.model, readme=True, **kw)
             elif fmt == "lora":
-                export.export_lora(target, self.eraser, phi, self.model)
+                export.export_lora(target, self.eraser, phi, self.model, readme=True, **kw)
             elif fmt == "diffusers":
-                export.export_merged(target, self.model, self.eraser, phi)
+                export.export_merged(target, self.model, self.eraser, phi, **kw)
             out.append(str(target))
         return out
 
@@ -446,6 +527,12 @@ def _scalar(x) -> float:
     """A replicated scalar's value, read from this process's own shard (valid across hosts)."""
     shards = getattr(x, "addressable_shards", None)
     return float(np.asarray(shards[0].data)) if shards else float(x)
+
+
+def jax_process_count() -> int:
+    import jax
+
+    return jax.process_count()
 
 
 def threading_is_main() -> bool:

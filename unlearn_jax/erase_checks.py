@@ -15,14 +15,14 @@ import json
 import math
 from typing import Any, Callable, Mapping
 
+from unlearn_jax.dtypes import ALIASES as _DTYPE_ALIASES
+from unlearn_jax.dtypes import NAMES as DTYPES
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.objectives import MASK_MODES
 
-MASK_MODES = ("per_layer", "average")  # objectives.localization_masks
 AUGMENT_MODES = ("none", "offline", "file")
 TOKEN_FALLBACKS = ("all", "none")
 CPU_COLLECTIVES = ("gloo", "mpi", "megascale")  # jax_cpu_collectives_implementation
-DTYPES = ("float32", "bfloat16", "float16")
-_DTYPE_ALIASES = DTYPES + ("fp32", "bf16", "fp16")  # what loading.as_dtype also reads
 SEED_LIMIT = 2**32  # jax.random.key keeps 32 bits: a larger seed silently equals another one
 
 # Fields whose change alters the training trajectory: a resume with one of them changed is refused.
@@ -36,6 +36,7 @@ TRAJECTORY_FIELDS = (
     "prompts.token_fallback",
     "sampler",
     "erase.eta", "erase.alpha_loc", "erase.beta_pre", "erase.mask_threshold", "erase.mask_mode",
+    "erase.mask_key_chunk",  # the chunked log-sum-exp rounds differently with another chunk: not bitwise the same
     "eraser",
     "train.batch_size", "train.learning_rate", "train.adam_b1", "train.adam_b2", "train.adam_eps",
     "train.weight_decay", "train.grad_clip",
@@ -48,7 +49,6 @@ NOT_TRAJECTORY = {
     "model.attention": "another kernel for the same attention (resume on other hardware)",
     "model.attention_chunk": "a memory layout of the same attention",
     "model.remat": "recomputation only: the same values",
-    "erase.mask_key_chunk": "a memory layout of the same mask normaliser",
     "prompts.cache_dir": "where the embeddings are cached, not what they are",
     "train.num_steps": "only where the run stops: the learning rate is constant and each step's batch and noise "
                        "are a function of the step alone, so more steps continue the same trajectory (fewer than "

@@ -23,6 +23,9 @@ def _main(args) -> int:
     if table:
         print(table)
     if summary["status"] == "interrupted":
+        from unlearn_jax.exit_codes import SIGTERM
+
         print(f"stopped at step {summary['step']} (SIGTERM); the checkpoint is saved: rerun the same command to resume",
               file=sys.stderr)
+        return SIGTERM  # 128 + 15: a scheduler must not read an interrupted run as a finished one
     return 0

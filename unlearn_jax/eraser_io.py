@@ -111,15 +111,17 @@ def _config_of(model):
     return model.config if hasattr(model, "config") else model
 
 
-def save_erasers(folder, cfg: EraserConfig, phi: Mapping, model_config) -> Path:
+def save_erasers(folder, cfg: EraserConfig, phi: Mapping, model_config, *, overwrite: bool = False,
+                 root=None) -> Path:
     """Writes `phi` as an eraser folder of ours (`eraser_config.json` + `erasers.safetensors`), atomically.
 
     model_config: the base model's transformer config (or the model itself); the shapes are checked
-    against it so that a folder that does not fit is never written.
+    against it so that a folder that does not fit is never written. overwrite / root: as
+    `atomic.atomic_dir` (an earlier output of ours may be replaced, nothing else).
     """
     check_phi(cfg, phi, model_config, str(folder))
     flat = {k: _host(v) for k, v in sorted(flatten_phi(phi).items())}
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite, root=root) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(_config_json(cfg, _config_of(model_config),
                                                                site_for(model_config)), indent=2) + "\n")
         write_safetensors(tmp / WEIGHTS_NAME, flat)
@@ -303,6 +305,25 @@ def _torch_load_published(path: Path) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_published_pair(st: Path, pt: Path):
+    """Both published files present: they must hold the same tensors (a replaced .pt is never ignored)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return  # the .pt cannot be read without PyTorch; the safetensors file is the one read
+    reader = SafetensorsReader(st.parent, prefer=PUBLISHED_SAFETENSORS)
+    try:
+        st_arrays = {k: reader.get(k).astype(np.float32) for k in reader.keys()}
+    finally:
+        reader.close()
+    pt_arrays = _torch_load_published(pt)
+    differ = sorted(set(st_arrays) ^ set(pt_arrays)) or [
+        k for k in st_arrays if st_arrays[k].shape != pt_arrays[k].shape or not np.array_equal(st_arrays[k], pt_arrays[k])]
+    if differ:
+        raise UnlearnError(f"{st.parent}: {PUBLISHED_PT} and {PUBLISHED_SAFETENSORS} hold different erasers (first "
+                           f"difference: {differ[0]}); delete the one that is stale")
+
+
 def _published_family(keys, path: Path, model):
     """The family whose published prefix the file's keys follow (the model's, when one is given)."""
     if model is not None:
@@ -328,6 +349,8 @@ def _load_published(folder: Path, d: dict, model) -> tuple[EraserConfig, dict]:
                            "adapter erasers only")
     cfg = _config_from_json(d, cfg_path)
     st, pt = folder / PUBLISHED_SAFETENSORS, folder / PUBLISHED_PT
+    if st.exists() and pt.exists():
+        _check_published_pair(st, pt)
     if st.exists():
         reader, path = SafetensorsReader(folder, prefer=PUBLISHED_SAFETENSORS), st
     elif pt.exists():

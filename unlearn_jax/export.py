@@ -26,12 +26,13 @@ FORMATS = ("diffusers", "t2vunlearning", "lora")
 __all__ = ["FORMATS", "export", "export_lora", "export_merged", "export_t2vunlearning"]
 
 
-def export_merged(folder, base_model, cfg: EraserConfig, phi: Mapping, dtype=None) -> Path:
+def export_merged(folder, base_model, cfg: EraserConfig, phi: Mapping, dtype=None, *, overwrite: bool = False,
+                  root=None) -> Path:
     """A plain diffusers transformer folder (lora / attn / full erasers folded into the weights) that
     the family's diffusers class `from_pretrained` loads as is."""
     from unlearn_jax.loading import save_transformer
 
-    return save_transformer(merge_erasers(base_model, cfg, phi), folder, dtype=dtype)
+    return save_transformer(merge_erasers(base_model, cfg, phi), folder, dtype=dtype, overwrite=overwrite, root=root)
 
 
 def _cast(arr: np.ndarray, dtype) -> np.ndarray:
@@ -69,7 +70,8 @@ def _write_published(tmp: Path, cfg: EraserConfig, tensors: Mapping[str, np.ndar
     write_safetensors(tmp / PUBLISHED_SAFETENSORS, dict(tensors))
 
 
-def export_t2vunlearning(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, readme: bool = False) -> Path:
+def export_t2vunlearning(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, readme: bool = False, *,
+                         overwrite: bool = False, root=None) -> Path:
     """The published T2VUnlearning eraser folder: `eraser_config.json` + `eraser_weights.pt` (a torch.save'd
     dict of per-block state dicts) + the same tensors as `eraser_weights.safetensors`. Adapter kind only.
 
@@ -82,10 +84,10 @@ def export_t2vunlearning(folder, cfg: EraserConfig, phi: Mapping, model, dtype=N
         import torch  # noqa: F401
     except ImportError:
         raise UnlearnError("writing eraser_weights.pt needs PyTorch (pip install 'unlearn-jax[torch]')") from None
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite, root=root) as tmp:
         _write_published(tmp, cfg, tensors)
         if readme:
-            (tmp / README_NAME).write_text(_ADAPTER_README)
+            (tmp / README_NAME).write_text(_ADAPTER_README.format(rank=cfg.rank))
     return Path(folder)
 
 
@@ -96,8 +98,10 @@ Adapters on each block's attention output; a stock diffusers pipeline runs them 
 
     import unlearn_jax.torch; unlearn_jax.torch.attach_erasers(pipe.transformer, "THIS_FOLDER")
 
-The folder also loads in the T2VUnlearning authors' inference scripts (eraser_config.json + eraser_weights.pt)
-and in JAX with `unlearn_jax.load_transformer(BASE, erasers="THIS_FOLDER")`.
+The folder also loads in the T2VUnlearning authors' inference scripts (eraser_config.json + eraser_weights.pt):
+their `test_cogvideo.py` takes `--eraser_path THIS_FOLDER --eraser_rank {rank}` (the rank of these erasers; the
+scripts assume 128 otherwise). In JAX: `unlearn_jax.load_transformer(BASE, erasers="THIS_FOLDER")`.
+eraser_weights.safetensors holds the same tensors; the readers of this project check that the two agree.
 """
 
 _LORA_README = """\
@@ -107,7 +111,8 @@ _LORA_README = """\
 """
 
 
-def export_lora(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, readme: bool = False) -> Path:
+def export_lora(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, readme: bool = False, *,
+                overwrite: bool = False, root=None) -> Path:
     """LoRA erasers as `pytorch_lora_weights.safetensors` that the pipeline's `load_lora_weights` (or
     `transformer.load_lora_adapter`) reads. The eraser scale is folded into `lora_B`, so the loaded model
     (PEFT's default alpha = rank, scaling 1) equals ours."""
@@ -125,14 +130,15 @@ def export_lora(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, read
         dt = as_dtype(dtype)
         specs = {k: (s, dt) for k, (s, _) in specs.items()}
         gen = ((k, a.astype(dt)) for k, a in gen)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite, root=root) as tmp:
         write_safetensors(tmp / LORA_WEIGHTS, gen, specs)
         if readme:
             (tmp / README_NAME).write_text(_LORA_README)
     return Path(folder)
 
 
-def export(folder, fmt: str, cfg: EraserConfig, phi: Mapping, model, base_model=None, dtype=None) -> Path:
+def export(folder, fmt: str, cfg: EraserConfig, phi: Mapping, model, base_model=None, dtype=None, *,
+           overwrite: bool = False, root=None) -> Path:
     """The exports of `jax_to_diffusers.py` for erasers: fmt in diffusers | t2vunlearning | lora.
 
     model: the base model or its transformer config (names the keys).
@@ -140,15 +146,16 @@ def export(folder, fmt: str, cfg: EraserConfig, phi: Mapping, model, base_model=
     the eraser folder that `unlearn_jax.torch.attach_erasers` reads (a stock diffusers folder cannot hold
     an adapter).
     """
+    kw = dict(overwrite=overwrite, root=root)
     if fmt == "t2vunlearning":
-        return export_t2vunlearning(folder, cfg, phi, model, dtype=dtype)
+        return export_t2vunlearning(folder, cfg, phi, model, dtype=dtype, **kw)
     if fmt == "lora":
-        return export_lora(folder, cfg, phi, model, dtype=dtype, readme=True)
+        return export_lora(folder, cfg, phi, model, dtype=dtype, readme=True, **kw)
     if fmt != "diffusers":
         raise UnlearnError(f"format {fmt!r}: choose diffusers, t2vunlearning or lora")
     if cfg.kind == "adapter":
-        return export_t2vunlearning(folder, cfg, phi, model, dtype=dtype, readme=True)
+        return export_t2vunlearning(folder, cfg, phi, model, dtype=dtype, readme=True, **kw)
     if base_model is None:
         raise UnlearnError(f"--format diffusers for {cfg.kind} erasers writes the merged model: give the base "
                            "model with --base BASE_MODEL_DIR (the diffusers folder the erasers were trained on)")
-    return export_merged(folder, base_model, cfg, phi, dtype=dtype)
+    return export_merged(folder, base_model, cfg, phi, dtype=dtype, **kw)

@@ -123,6 +123,7 @@ class PipelineFolder:
             vae = None
         elif not (vae / "config.json").is_file():
             raise UnlearnError(f"{vae}: no config.json (a diffusers VAE folder)")
+        family.check_folder(root)
         return cls(root, family, root / "transformer", sched, vae)
 
     def transformer_config(self):
@@ -337,7 +338,8 @@ class VideoGenerator:
         self._neg_cache: dict[str, np.ndarray] = {}
         self._warned_tiling = False
         self._graphdef, self._state = nnx.split(model)
-        self._run = jax.jit(self._make_run())
+        self._jitted = jax.jit(self._make_run())
+        self._compiled: dict = {}
 
     # ---- construction ----------------------------------------------------------------------
     @classmethod
@@ -392,6 +394,7 @@ class VideoGenerator:
     def _make_run(self):
         graphdef, schedule = self._graphdef, self.schedule
         num_steps, g, dyn, dtype = self.num_steps, self.guidance_scale, self.use_dynamic_cfg, jnp.dtype(self.dtype)
+        latent_dtype = jnp.dtype(self.family.noise_dtype(self.dtype))  # the pipeline's latents between steps
         item_shape = self.shape.noise_shape[1:]
         needs_noise = schedule.needs_noise
 
@@ -403,12 +406,28 @@ class VideoGenerator:
                 step_noise = jax.vmap(lambda i: jax.vmap(lambda k: jax.random.normal(
                     jax.random.fold_in(k, i + 1), item_shape, jnp.float32))(keys))(jnp.arange(num_steps))
             model = nnx.merge(graphdef, state)
-            out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(dtype), _cast(ctx, dtype),
+            out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(latent_dtype),
+                         _cast(ctx, dtype),
                          None if uncond is None else _cast(uncond, dtype), num_steps=num_steps, guidance_scale=g,
                          use_dynamic_cfg=dyn, step_noise=step_noise if needs_noise else None)
             return out.latents.astype(jnp.float32)
 
         return run
+
+    def _run(self, *args):
+        """The jitted sampler, compiled ahead of time once per input shapes so that a generation that
+        cannot fit in memory is refused before it runs (`memory.check_fits`)."""
+        from unlearn_jax.memory import check_fits
+
+        key = jax.tree.structure(args), tuple((np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
+                                               else str(x.dtype)) for x in jax.tree.leaves(args))
+        if key not in self._compiled:
+            compiled = self._jitted.lower(*args).compile()
+            s = self.shape
+            check_fits(compiled, f"sampling {self.batch_size} video(s) of {s.num_frames} frames at {s.height}x{s.width}",
+                       "use fewer frames, a smaller size or --batch-size 1 (or attention='chunked' for long videos)")
+            self._compiled[key] = compiled
+        return self._compiled[key](*args)
 
     # ---- text ------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]):
@@ -494,7 +513,8 @@ class VideoGenerator:
         if self.noise == "jax":
             return None, None
         dpm = self.schedule.needs_noise
-        init, steps = torch_noise(seed, self.shape.noise_shape, self.dtype, initial=not have_latents,
+        init, steps = torch_noise(seed, self.shape.noise_shape, self.family.noise_dtype(self.dtype),
+                                  initial=not have_latents,
                                   dpm_timesteps=np.asarray(self.schedule.timesteps) if dpm else None,
                                   num_train_timesteps=self.scheduler.num_train_timesteps)
         return init, steps

@@ -16,7 +16,8 @@ import numpy as np
 
 from unlearn_jax import families
 from unlearn_jax.atomic import atomic_dir
-from unlearn_jax.conversion import SafetensorsReader, load_into, module_targets, param_leaves, write_module
+from unlearn_jax.conversion import (SafetensorsReader, load_into, module_targets, param_leaves, refuse_non_floating,
+                                    write_module)
 from unlearn_jax.dtypes import as_dtype
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.families import ORBAX_MARKER
@@ -95,15 +96,17 @@ def load_transformer(path, dtype=None, mesh=None, rules=None, erasers=None, prog
     return model
 
 
-def save_transformer(model, path, dtype=None, max_shard_size: int = 10 * 2**30):
+def save_transformer(model, path, dtype=None, max_shard_size: int = 10 * 2**30, *, overwrite: bool = False,
+                     root=None):
     """Writes a diffusers transformer folder that the family's diffusers class `from_pretrained` loads.
 
     dtype: None writes each tensor in the model's parameter dtype. Written to a temporary folder
-    and renamed when complete.
+    and renamed when complete. overwrite: replace an earlier output of unlearn-jax at `path`
+    (never anything else: `atomic.atomic_dir`); root: `path` must lie inside it.
     """
     family = families.of_model(model)
     cfg = model.config
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite, root=root) as tmp:
         config = cfg.to_dict()
         config["_diffusers_version"] = _diffusers_version()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -124,12 +127,12 @@ def _diffusers_version() -> str:
 # --------------------------------------------------------------------------------------------
 # Orbax checkpoints of converted weights (fast repeated loads, restored straight into shardings)
 # --------------------------------------------------------------------------------------------
-def save_orbax(model, path):
+def save_orbax(model, path, *, overwrite: bool = False):
     import orbax.checkpoint as ocp
 
     family = families.of_model(model)
     leaves = param_leaves(model)
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, overwrite) as tmp:
         meta = {"format": "unlearn-jax transformer", "family": family.transformer_class,
                 "config": model.config.to_dict(), "dtypes": {k: str(v.dtype) for k, v in leaves.items()}}
         (tmp / ORBAX_MARKER).write_text(json.dumps(meta, indent=2) + "\n")
@@ -148,6 +151,7 @@ def _load_orbax(folder: Path, family, dtype, mesh, rules, runtime):
     meta = read_json_object(folder / ORBAX_MARKER, "unlearn-jax checkpoint description")
     cfg = family.transformer_config(meta.get("config", {}), str(folder / ORBAX_MARKER))
     stored = {k: np.dtype(v) for k, v in meta["dtypes"].items()}
+    refuse_non_floating(stored, str(folder))
     leaves_dtype = next(iter(stored.values()))
     model_abs = family.abstract_transformer(cfg, **_runtime_for(dtype, leaves_dtype, mesh, rules, runtime))
     targets = module_targets(model_abs, dtype=dtype, mesh=mesh, rules=rules)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+MASK_MODES = ("per_layer", "average")
+
 
 def negative_target(v_uncond, v_cond, eta):
     """v_neg = v_u - eta * (v_c - v_u); eta may be per sample (B,)."""
@@ -82,8 +84,8 @@ def localization_masks(maps, grid, threshold: float, mode: str = "per_layer"):
     soft = jax.vmap(lambda m: normalise_map(m, grid))(maps)  # (L, B, F, H, W)
     if mode == "average":
         soft = jnp.broadcast_to(soft.mean(0, keepdims=True), soft.shape)
-    elif mode != "per_layer":
-        raise ValueError(f"mask_mode {mode!r}: choose per_layer or average")
+    elif mode not in MASK_MODES:
+        raise ValueError(f"mask_mode {mode!r}: choose one of {MASK_MODES}")
     return (soft >= threshold).astype(jnp.float32).reshape(maps.shape)
 
 

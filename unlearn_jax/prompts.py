@@ -279,8 +279,14 @@ class TransformersLLM:
             if dtype is not None:
                 model_kwargs["dtype"] = dtype if dtype == "auto" else getattr(torch, dtype)
             self.model = AutoModelForCausalLM.from_pretrained(str(path), **model_kwargs)
-        except (OSError, ValueError) as e:
-            raise UnlearnError(f"cannot load an LLM from {str(path)!r}: {str(e).splitlines()[0]}") from e
+        except Exception as e:  # noqa: BLE001 - whatever the folder holds, the user's fix is the same
+            import pickle
+
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            if isinstance(e, pickle.UnpicklingError):
+                first = ("its weights would unpickle Python objects, which torch.load(weights_only=True) refuses; "
+                         "use a safetensors copy of the model")
+            raise UnlearnError(f"cannot load an LLM from {str(path)!r}: {first}") from None
         if device is None or device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)

@@ -105,6 +105,12 @@ def _check_mode(a) -> str:
             raise UnlearnError(f"--out {a.out}: the video file name must end in .mp4")
         if Path(a.out).is_dir():
             raise UnlearnError(f"--out {a.out} is a folder; give a file name ending in .mp4")
+        if Path(a.out).exists() and not a.overwrite:
+            raise UnlearnError(f"--out {a.out} exists; pass --overwrite to replace it, or choose another file")
+        if a.frames_dir is not None:
+            from unlearn_jax.atomic import check_output_dir
+
+            check_output_dir(a.frames_dir, a.overwrite, flag="--overwrite")  # a user's folder is never replaced
         return "single"
     if a.out_dir is None:
         raise UnlearnError("--prompts needs --out-dir DIR")
@@ -112,8 +118,14 @@ def _check_mode(a) -> str:
         raise UnlearnError("--out is for --prompt; with --prompts use --out-dir DIR")
     if a.frames_dir is not None:
         raise UnlearnError("--frames-dir is for --prompt; with --prompts use --png-frames (DIR/frames/<name>/)")
-    if Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
+    out_dir = Path(a.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
         raise UnlearnError(f"--out-dir {a.out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / SETTINGS_FILE).is_file() \
+            and not (out_dir / INDEX_FILE).is_file():
+        # videos are named 0000.mp4 ...: never written into a folder of the user's
+        raise UnlearnError(f"--out-dir {a.out_dir} holds files that unlearn-jax sample did not write; choose an "
+                           "empty or new folder")
     return "batch"
 
 
@@ -150,7 +162,9 @@ def register(sub):
     p.add_argument("--prompts", default=None, help="a CSV with a 'prompt' column (with --out-dir)")
     p.add_argument("--out-dir", default=None, help="with --prompts: videos, index.csv and the settings go here")
     p.add_argument("--png-frames", action="store_true", help="with --prompts: also write PNG frames to DIR/frames/<name>/")
-    p.add_argument("--overwrite", action="store_true", help="with --prompts: regenerate videos that are already there")
+    p.add_argument("--overwrite", action="store_true",
+                   help="--prompt: replace an existing --out file (and a --frames-dir this command wrote); --prompts: "
+                        "regenerate videos that are already there")
     p.add_argument("--seed", default="42", help="seed of --prompt; with --prompts, seeds are --seed + row index "
                                                 "unless the CSV has a seed or evaluation_seed column (default 42)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance (default: empty)")
@@ -205,7 +219,7 @@ def _single(a, plan, seed: int) -> int:
     summary = {"video": str(out), "prompt": a.prompt, "seed": seed, "frames": int(frames.shape[0]),
                "height": int(frames.shape[1]), "width": int(frames.shape[2])}
     if a.frames_dir is not None:
-        summary["frames_dir"] = str(write_frames_png(a.frames_dir, frames))
+        summary["frames_dir"] = str(write_frames_png(a.frames_dir, frames, overwrite=a.overwrite, flag="--overwrite"))
     summary["settings"] = _run_settings(a, plan)
     print(json.dumps(summary, indent=2))
     return 0
@@ -259,7 +273,7 @@ def _batch(a, plan, rows: list[dict]) -> int:
             r = todo[j]
             write_mp4(out_dir / f"{r['name']}.mp4", frames, fps=a.fps)
             if a.png_frames:
-                write_frames_png(out_dir / "frames" / r["name"], frames)
+                write_frames_png(out_dir / "frames" / r["name"], frames, overwrite=True)  # inside our out-dir
             finished.add(r["name"])
             write_index(out_dir, index_rows())
     print(json.dumps({"out_dir": str(out_dir), "videos": len(rows), "generated": len(todo),

@@ -47,7 +47,7 @@ class StepSettings:
             raise UnlearnError(f"sampler.timestep_mode={self.timestep_mode!r}: choose one of {TIMESTEP_MODES}")
         if self.xt_source not in XT_SOURCES:
             raise UnlearnError(f"sampler.xt_source={self.xt_source!r}: choose one of {XT_SOURCES}")
-        if self.mask_mode not in ("per_layer", "average"):
+        if self.mask_mode not in O.MASK_MODES:
             raise UnlearnError(f"erase.mask_mode={self.mask_mode!r}: choose per_layer or average")
 
 

@@ -149,13 +149,13 @@ def write_png(path, image) -> Path:
     return Path(path)
 
 
-def write_frames_png(folder, frames) -> Path:
+def write_frames_png(folder, frames, *, overwrite: bool = False, flag: str = "overwrite=True") -> Path:
     """Writes every frame of an (F, H, W, 3) video as `folder/00000.png`, `00001.png`, ...
 
-    The folder is written as a whole (temporary folder, then renamed): it replaces an existing
-    one and is never left half-filled."""
+    The folder is written as a whole (temporary folder, then renamed) and is never left half-filled;
+    with `overwrite` it replaces an earlier frames folder of ours, never a folder a user owns."""
     video = _check_video(frames)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite, flag=flag) as tmp:
         for i, frame in enumerate(video):
             (tmp / f"{i:05d}.png").write_bytes(png_bytes(frame))
     return Path(folder)

@@ -440,7 +440,7 @@ def test_tool_exports_erasers(base, data, lora, tmp_path, capsys):
     assert main([str(tmp_path / "adapter"), str(tmp_path / "a_diff"), "--format", "diffusers"]) == 0
     assert "unlearn_jax.torch.attach_erasers" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "a_diff").iterdir()} == {
-        "eraser_config.json", "eraser_weights.pt", "eraser_weights.safetensors", "README.md"}
+        "eraser_config.json", "eraser_weights.pt", "eraser_weights.safetensors", "README.md", ".unlearn-jax"}
     tm = ujt.attach_erasers(stock(folder), tmp_path / "a_diff")
     close(velocity(tm, data), jax_velocity(model, a_cfg, a_phi, data))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -270,6 +271,7 @@ def build_tiny_cross_pipeline(folder, seed: int = 0) -> Path:
 
     folder, _, enc = build_tiny_pipeline(folder, max_text_seq_length=None, seed=seed)
     cfg = TinyConfig(text_dim=enc.config.d_model)
+    shutil.rmtree(folder / "transformer")  # build_tiny_pipeline's CogVideoX config stub
     save_transformer(FAMILY.build_transformer(cfg, seed=seed), folder / "transformer")
     (folder / "scheduler").mkdir(exist_ok=True)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(FLOW_SCHEDULER))

@@ -27,7 +27,6 @@ def main(argv=None) -> int:
 
 def _convert(args):
     from unlearn_jax.tool_edges import check_output
-    from unlearn_jax.weight_checks import refuse_non_floating
 
     t0 = time.perf_counter()
     check_output(args.out, args.overwrite, inputs=[args.src])  # before the slow part
@@ -36,7 +35,6 @@ def _convert(args):
     from unlearn_jax.loading import load_transformer, save_orbax
 
     as_dtype(args.dtype, "--dtype")
-    refuse_non_floating(args.src)
     model = load_transformer(args.src, dtype=args.dtype, progress=True)
     write_dir(args.out, lambda folder: save_orbax(model, folder), overwrite=args.overwrite)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)")

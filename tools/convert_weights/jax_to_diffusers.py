@@ -45,16 +45,12 @@ def main(argv=None) -> int:
 
 def _run(args):
     from unlearn_jax.tool_edges import check_output
-    from unlearn_jax.weight_checks import refuse_non_floating
 
     t0 = time.perf_counter()
     check_output(args.out, args.overwrite, inputs=[args.ckpt, args.base])  # before the slow part
     from unlearn_jax.dtypes import as_dtype
 
     as_dtype(args.dtype, "--dtype")
-    refuse_non_floating(args.ckpt)
-    if args.base is not None:
-        refuse_non_floating(args.base, "base model weights")
     note = _convert(args)
     print(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)")
     if note:

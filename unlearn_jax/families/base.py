@@ -134,6 +134,11 @@ class Family:
     # `EraserSite.published_prefix`, known without a model config (to recognise a file's family)
     published_prefix: str = ""
 
+    # ---- the folder ----------------------------------------------------------------------------
+    def check_folder(self, root: Path) -> None:
+        """Refuses (one line) a pipeline folder of this family that the project cannot use as a whole
+        (another task's pipeline, a missing part). Nothing to check by default."""
+
     # ---- the transformer -------------------------------------------------------------------
     def recognises(self, config: Mapping) -> bool:
         """Whether a transformer `config.json` without a `_class_name` is this family's (by its fields)."""
@@ -196,6 +201,11 @@ class Family:
         """Final latents (1, ...) -> frames (num_frames, H, W, 3) float32 in [0, 1], as the pipeline's
         `output_type="np"`. `vae` is None for pixel-space models. `warn(message)` reports a fallback."""
         raise NotImplementedError
+
+    def noise_dtype(self, dtype: str) -> str:
+        """The dtype the pipeline draws its initial noise and keeps its latents in, for a model run in
+        `dtype` (CogVideoX: the model's; Wan: float32)."""
+        return dtype
 
     # ---- sampling ----------------------------------------------------------------------------
     def sampler_defaults(self, model_cfg) -> SamplerDefaults:

@@ -164,6 +164,14 @@ def read_eraser_folder(folder, site: EraserSite) -> tuple[dict, dict[str, dict[s
         for key, t in _load_safetensors(st).items():
             module, _, param = key.partition(".adapter.")
             modules.setdefault(module + ".adapter", {})[param] = t
+        if pt.exists():  # both: they must agree (a replaced .pt is never silently ignored)
+            other = _load_pt(pt)
+            same = set(other) == set(modules) and all(
+                set(other[m]) == set(modules[m]) and all(torch.equal(other[m][k].float(), modules[m][k].float())
+                                                          for k in modules[m]) for m in modules)
+            if not same:
+                raise UnlearnError(f"{folder}: {PUBLISHED_PT} and {PUBLISHED_SAFETENSORS} hold different erasers; "
+                                   "delete the one that is stale")
     elif pt.exists():
         modules = _load_pt(pt)
     else:

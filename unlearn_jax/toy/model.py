@@ -168,12 +168,14 @@ def save_text_encoder(model: T5Encoder, folder: Path):
     write_safetensors(folder / "model.safetensors", tensors, specs)
 
 
-def save_pipeline(folder, transformer: CogVideoXTransformer, text_encoder: T5Encoder, tokenizer, world_info: dict):
-    """Writes the diffusers pipeline folder layout (plus `toy_world.json`) into `folder`."""
+def save_pipeline(folder, transformer: CogVideoXTransformer, text_encoder: T5Encoder, tokenizer, world_info: dict,
+                  *, overwrite: bool = False):
+    """Writes the diffusers pipeline folder layout (plus `toy_world.json`) into `folder` (`overwrite`:
+    replace an earlier toy pipeline written by this project, nothing else)."""
     from unlearn_jax.atomic import atomic_dir
     from unlearn_jax.loading import save_transformer
 
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite, flag="--overwrite") as tmp:
         save_transformer(transformer, tmp / "transformer")
         save_text_encoder(text_encoder, tmp / "text_encoder")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))

@@ -67,8 +67,9 @@ def batch_inputs(world: World, tokenizer, max_length: int, step: int, cfg: Train
 
 
 def train(out_dir, *, world_cfg: WorldConfig = WorldConfig(), model_cfg=toy_model.ToyModelConfig(),
-          cfg: TrainConfig = TrainConfig(), command: str | None = None, workdir=None) -> dict:
-    """Trains the toy model and writes the pipeline folder `out_dir`; returns the training record."""
+          cfg: TrainConfig = TrainConfig(), command: str | None = None, workdir=None, overwrite: bool = False) -> dict:
+    """Trains the toy model and writes the pipeline folder `out_dir` (`overwrite`: replace an earlier
+    toy pipeline of this project there); returns the training record."""
     world = World(world_cfg)
     words = vocabulary()
     tokenizer = toy_model.build_tokenizer(words)
@@ -133,7 +134,7 @@ def train(out_dir, *, world_cfg: WorldConfig = WorldConfig(), model_cfg=toy_mode
         if workdir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
             toy_model.save_pipeline(Path(workdir) / "checkpoint", nnx.merge(graphdef, ema, rest), encoder, tokenizer,
                                     {"format": "unlearn-jax toy world (training checkpoint)", "step": done,
-                                     "world": world.describe(), "model": model_cfg.to_dict()})
+                                     "world": world.describe(), "model": model_cfg.to_dict()}, overwrite=True)
         if not np.isfinite(losses[-1]):
             raise FloatingPointError(f"toy training: the loss is {losses[-1]} at step {done}; lower --lr")
         if cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s:
@@ -164,7 +165,7 @@ def train(out_dir, *, world_cfg: WorldConfig = WorldConfig(), model_cfg=toy_mode
                         "synonym = sqrt(1 - s^2) * direction + s * own direction, s = synonym_spread, "
                         "seed = train.seed",
     }
-    toy_model.save_pipeline(out_dir, final, encoder, tokenizer, record)
+    toy_model.save_pipeline(out_dir, final, encoder, tokenizer, record, overwrite=overwrite)
     return record
 
 
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-layers", type=int, default=toy_model.ToyModelConfig.num_layers)
     p.add_argument("--head-dim", type=int, default=toy_model.ToyModelConfig.head_dim)
     p.add_argument("--heads", type=int, default=toy_model.ToyModelConfig.width_heads)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is a toy pipeline this project wrote")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
@@ -189,7 +191,10 @@ def main(argv=None) -> int:
     mcfg = dataclasses.replace(toy_model.ToyModelConfig(), num_layers=a.num_layers, head_dim=a.head_dim,
                                width_heads=a.heads)
     command = " ".join(["python tools/toy/train_toy_model.py"] + list(sys.argv[1:] if argv is None else argv))
-    rec = train(a.out, model_cfg=mcfg, cfg=cfg, command=command, workdir=a.workdir)
+    from unlearn_jax.atomic import check_output_dir
+
+    check_output_dir(a.out, a.overwrite, flag="--overwrite")  # before the training, not after it
+    rec = train(a.out, model_cfg=mcfg, cfg=cfg, command=command, workdir=a.workdir, overwrite=a.overwrite)
     t = rec["training"]
     print(json.dumps({k: t[k] for k in ("steps_done", "seconds", "final_loss", "transformer_params")}))
     return 0

@@ -45,7 +45,7 @@ def test_new_output_writes_marker_listing_entries(tmp_path):
 
 def test_existing_output_needs_overwrite_and_is_replaced(tmp_path):
     out = _ours(tmp_path / "out")
-    with pytest.raises(UnlearnError, match="pass --overwrite"):
+    with pytest.raises(UnlearnError, match="pass overwrite=True"):
         with atomic_dir(out, overwrite=False) as tmp:
             raise AssertionError("the body must not run")
     with atomic_dir(out, overwrite=True) as tmp:
@@ -63,7 +63,7 @@ def test_user_folder_and_file_are_refused_untouched(tmp_path, overwrite):
         with atomic_dir(user, overwrite=overwrite):
             pass
     msg = str(e.value)
-    assert "\n" not in msg and str(user) in msg and "--overwrite" in msg and "did not write" in msg
+    assert "\n" not in msg and str(user) in msg and "overwrite=True" in msg and "did not write" in msg
     assert (user / "thesis.tex").read_text() == "mine"
     f = tmp_path / "file"
     f.write_text("keep")
@@ -111,7 +111,7 @@ def test_links_are_never_written_through_or_replaced(tmp_path):
     with pytest.raises(UnlearnError, match="outside"):
         with atomic_dir(wd / "export" / "erasers", overwrite=True, root=wd):
             pass
-    with pytest.raises(UnlearnError, match="outside"):  # the old behaviour too, once given a root
+    with pytest.raises(UnlearnError, match="outside"):  # a new output too
         with atomic_dir(wd / "export" / "erasers", root=wd):
             pass
     # A link to one of our own outputs is not replaced (that would delete through it) either.
@@ -124,17 +124,18 @@ def test_links_are_never_written_through_or_replaced(tmp_path):
     assert safe_child(wd, "checkpoints") == wd / "checkpoints"
 
 
-def test_old_behaviour_still_replaces_anything(tmp_path):
+def test_the_default_never_replaces_anything(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
     (user / "x").write_text("old")
-    with atomic_dir(user) as tmp:
-        _write(tmp, ["y"])
-    assert sorted(p.name for p in user.iterdir()) == ["y"]  # no marker: unchanged for callers not yet updated
+    with pytest.raises(UnlearnError, match="did not write it"):
+        with atomic_dir(user) as tmp:
+            _write(tmp, ["y"])
+    assert sorted(p.name for p in user.iterdir()) == ["x"]  # a writer that says nothing replaces nothing
 
 
 def test_write_dir_adopts_a_folder_writer(tmp_path):
-    def writer(folder):  # like save_transformer: writes its own folder at the path given (old atomic_dir)
+    def writer(folder):  # like save_transformer: writes its own folder at the path given
         with atomic_dir(folder) as tmp:
             _write(tmp, ["config.json", "w/x.bin"])
 
@@ -270,15 +271,14 @@ def test_jax_to_diffusers_refuses_user_mistakes(tiny, tmp_path):
     assert _tool(tool, tiny / "model", out, "--overwrite")[0] == 0
 
 
-def test_non_floating_orbax_checkpoint_description(tmp_path):
+def test_non_floating_orbax_checkpoint_is_refused_by_the_loader(tmp_path):
+    import unlearn_jax
     from unlearn_jax.families import ORBAX_MARKER
-    from unlearn_jax.weight_checks import non_floating, refuse_non_floating
 
     ck = tmp_path / "ck"
     ck.mkdir()
-    (ck / ORBAX_MARKER).write_text(json.dumps({"dtypes": {"a": "float32", "b": "bfloat16", "c": "int8",
-                                                          "d": "uint8"}}))
-    assert non_floating(ck) == {"c": "int8", "d": "uint8"}
-    with pytest.raises(UnlearnError, match=r"tensor c is int8 \(and 1 more\)"):
-        refuse_non_floating(ck)
-    assert non_floating(tmp_path / "missing") == {}  # the loader reports missing folders itself
+    (ck / ORBAX_MARKER).write_text(json.dumps({"family": "CogVideoXTransformer3DModel", "config": {},
+                                               "dtypes": {"a": "float32", "b": "bfloat16", "c": "int8", "d": "uint8"}}))
+    with pytest.raises(UnlearnError, match=r"tensor c is int8 \(and 1 more\); weights must be floating point") as e:
+        unlearn_jax.load_transformer(ck)
+    assert "\n" not in str(e.value)

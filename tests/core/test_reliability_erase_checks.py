@@ -222,7 +222,7 @@ def test_trajectory_changes_named():
     # Fields that do not change what is computed may change on resume.
     same = _cfg(train__num_steps=1000, train__checkpoint_every=7, model__attention="chunked", model__remat="full",
                 mesh__shape={"data": 2, "fsdp": -1}, export__formats=[], workdir="elsewhere",
-                model__path="/moved/pipeline", erase__mask_key_chunk=256, prompts__cache_dir="/cache")
+                model__path="/moved/pipeline", prompts__cache_dir="/cache")
     assert E.trajectory_changes(old, same) == []
     # An old config without a field added later counts as its default.
     del old["sampler"]["bank_size"]
