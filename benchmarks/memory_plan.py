@@ -1,9 +1,12 @@
-"""Per-device memory of the full-size CogVideoX-5B erasure train step on an 8-device mesh, without a GPU.
+"""Per-device memory of a full-size erasure train step on an 8-device mesh, without a GPU: CogVideoX-5B
+at 49x480x720 (`--model cogvideox_5b`, the default), Wan 2.1-14B at 81x480x832 (`wan21_14b`), Wan 2.2
+TI2V-5B at 121x704x1280 (`wan22_5b`); each model's video size is its default (`--frames/--height/--width`).
 
 The step (`train.ErasureStep`: x_t sampled with the current erased model by the 50-step DDIM CFG loop,
 the frozen passes with the localization masks, the preservation pass, the gradient and the Adam
 update) is compiled ahead of time for 8 simulated host devices from abstract inputs only
-(ShapeDtypeStructs with their NamedShardings; no weight is ever allocated), and XLA's buffer
+(ShapeDtypeStructs with their NamedShardings; no weight is ever allocated; the model built through its
+family, `families.get(...)`, from the full-size config in tests/data/model_configs), and XLA's buffer
 assignment is read back from `compiled.memory_analysis()`:
 
     argument, output, temp, generated code and alias (donated) bytes, per device;
@@ -26,9 +29,10 @@ a proxy for a GPU/TPU compile (other fusions, other scheduling, collectives over
 measurement on one. On a GPU, JAX preallocates 75% of its memory by default: raise
 XLA_PYTHON_CLIENT_MEM_FRACTION (e.g. 0.95) before reading "fits in 80 GB" as "runs".
 
-    python benchmarks/memory_5b.py                 # every configuration, one subprocess each
-    python benchmarks/memory_5b.py --only adapter_dp_full,full_fsdp_full
-    python benchmarks/memory_5b.py --list
+    python benchmarks/memory_plan.py                 # every configuration, one subprocess each
+    python benchmarks/memory_plan.py --only adapter_dp_full,full_fsdp_full
+    python benchmarks/memory_plan.py --model wan21_14b --only adapter_fsdp_full,adapter_dp_full,full_fsdp_full
+    python benchmarks/memory_plan.py --list
 
 Prints one JSON line per configuration and a markdown table at the end.
 """
@@ -54,6 +58,38 @@ from pathlib import Path  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "tests" / "data" / "model_configs"
 GB = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    family: str
+    transformer: str  # config files in CONFIG_DIR
+    vae: str
+    scheduler: str
+    sampler: str
+    frames: int
+    height: int
+    width: int
+    text_len: int
+
+
+MODELS = {
+    "cogvideox_5b": Model("cogvideox", "cogvideox_5b_transformer.json", "cogvideox_2b_vae.json",
+                          "cogvideox_5b_scheduler.json", "ddim", 49, 480, 720, 226),
+    "wan21_14b": Model("wan", "wan2.1_t2v_14b_transformer.json", "wan21_vae.json", "wan21_scheduler.json", "unipc",
+                       81, 480, 832, 512),
+    "wan22_5b": Model("wan", "wan2.2_ti2v_5b_transformer.json", "wan22_vae.json", "wan22_ti2v_5b_scheduler.json",
+                      "unipc", 121, 704, 1280, 512),
+}
+
+
+def _vae_config(family, path: Path):
+    """The VAE config object of `family` read from a config file (a VAE folder's config.json)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(path.read_text())
+        return family.vae_config(Path(d))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,16 +170,20 @@ def analyse(case: Case, args) -> dict:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from unlearn_jax import families
+    from unlearn_jax.conversion import module_targets
     from unlearn_jax.erasers import EraserConfig, eraser_axes, init_erasers
-    from unlearn_jax.loading import _flat_targets
-    from unlearn_jax.models.cogvideox import CogVideoXConfig, abstract_model
+    from unlearn_jax.jsonfiles import read_json_object
     from unlearn_jax.parallel import DEFAULT_RULES, make_mesh, named_sharding
     from unlearn_jax.schedulers import SchedulerConfig, make_schedule
     from unlearn_jax.train import ErasureStep, StepSettings, init_state, make_optimizer
 
     t0 = time.perf_counter()
     assert jax.device_count() == _DEVICES, jax.devices()
-    cfg = CogVideoXConfig.from_json(CONFIG_DIR / "cogvideox_5b_transformer.json")
+    spec = MODELS[args.model]
+    family = families.get(spec.family)
+    path = CONFIG_DIR / spec.transformer
+    cfg = family.transformer_config(read_json_object(path, "transformer config"), str(path))
     override = dict(case.rules)
     rules = tuple((k, override.pop(k, v)) for k, v in DEFAULT_RULES) + tuple(override.items())
     chunk = case.attention_chunk or args.attention_chunk
@@ -151,11 +191,11 @@ def analyse(case: Case, args) -> dict:
                      else {"data": 1, "fsdp": _DEVICES, "tensor": 1})
     half_name = case.half or args.half
     bf16 = jnp.dtype(half_name)  # the "bf16" weights/compute/text embeddings (float16 stand-in by default)
-    model = abstract_model(cfg, dtype=bf16, param_dtype=bf16, attention="chunked", attention_chunk=chunk,
-                           remat=case.remat, mesh=mesh, rules=tuple(rules))
+    model = family.abstract_transformer(cfg, dtype=bf16, param_dtype=bf16, attention="chunked",
+                                        attention_chunk=chunk, remat=case.remat, mesh=mesh, rules=tuple(rules))
 
     # Frozen base weights: bf16, each leaf sharded from its logical axes (as loading.load_transformer does).
-    targets = _flat_targets(model, mesh, rules, bf16)
+    targets = module_targets(model, dtype=bf16, mesh=mesh, rules=rules)
     graphdef, state = nnx.split(model)
     flat = []
     for path, var in nnx.to_flat_state(state):
@@ -184,7 +224,8 @@ def analyse(case: Case, args) -> dict:
     state_sh = jax.tree.map(lambda x: x.sharding, state_abs)
 
     # The batch, placed like erase.Run._place: batched keys split over data x fsdp when they divide.
-    b, text_len, ctx_dim, kc = case.batch, cfg.max_text_seq_length, cfg.text_embed_dim, args.concept_tokens
+    ctx_dim = getattr(cfg, "text_embed_dim", None) or cfg.text_dim
+    b, text_len, kc = case.batch, spec.text_len, args.concept_tokens
     bspec = named_sharding(("batch",), (b,), mesh, rules).spec[0]
 
     def batched(shape, dtype):
@@ -196,9 +237,10 @@ def analyse(case: Case, args) -> dict:
         concept_idx=batched((b, kc), jnp.int32), concept_valid=batched((b, kc), jnp.bool_),
         eta=batched((b,), jnp.float32), j=_sds((), jnp.int32, repl))
 
-    frames = (args.frames - 1) // cfg.temporal_compression_ratio + 1
-    latent_shape = (frames, cfg.in_channels, args.height // 8, args.width // 8)
-    sched_cfg = SchedulerConfig.from_diffusers(CONFIG_DIR / "cogvideox_5b_scheduler.json", kind="ddim")
+    video = family.video_shape(cfg, _vae_config(family, CONFIG_DIR / spec.vae), args.frames or spec.frames,
+                               args.height or spec.height, args.width or spec.width)
+    latent_shape = video.latent_shape
+    sched_cfg = SchedulerConfig.from_diffusers(CONFIG_DIR / spec.scheduler, kind=spec.sampler)
     settings = StepSettings(num_sampler_steps=50, guidance_scale=3.0, xt_source="current", alpha_loc=case.alpha_loc,
                             beta_pre=1.0, mask_key_chunk=case.mask_key_chunk, grad_clip=1.0)
     step = ErasureStep(model, ec, make_schedule(sched_cfg, 50), settings, optimizer, latent_shape)
@@ -217,11 +259,13 @@ def analyse(case: Case, args) -> dict:
             total += jnp.dtype(x.dtype).itemsize * math.prod(shard)
         return total
 
-    tokens = text_len + math.prod(model.token_grid(latent_shape[0], latent_shape[2], latent_shape[3]))
+    video_tokens = math.prod(family.token_grid(model, latent_shape))
+    tokens = video_tokens + (text_len if spec.family == "cogvideox" else 0)  # the self-attention's sequence
     arg, out, tmp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
     code, alias = ma.generated_code_size_in_bytes, ma.alias_size_in_bytes
     total = arg + out - alias + tmp + code
     return dict(
+        model=args.model, video=[video.num_frames, video.height, video.width],
         config=case.name, half_dtype_compiled=half_name, eraser=case.eraser,
         rank=args.rank if case.eraser == "adapter" else None,
         mesh=dict(mesh.shape), layout=case.note, global_batch=b,
@@ -254,9 +298,12 @@ def _rss_gb(pid: int) -> float:
 
 
 def run_case(name: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--child", name, "--rank", str(args.rank), "--frames", str(args.frames),
-           "--height", str(args.height), "--width", str(args.width), "--attention-chunk", str(args.attention_chunk),
-           "--concept-tokens", str(args.concept_tokens), "--half", args.half]
+    cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--rank", str(args.rank),
+           "--attention-chunk", str(args.attention_chunk), "--concept-tokens", str(args.concept_tokens),
+           "--half", args.half]
+    for flag, v in (("--frames", args.frames), ("--height", args.height), ("--width", args.width)):
+        if v:
+            cmd += [flag, str(v)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, why = [0.0], [None]
@@ -311,10 +358,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(DEFAULT_CASES), help="comma-separated configuration names")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--model", choices=sorted(MODELS), default="cogvideox_5b")
     p.add_argument("--rank", type=int, default=128)
-    p.add_argument("--frames", type=int, default=49, help="pixel frames")
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=720)
+    p.add_argument("--frames", type=int, default=None, help="pixel frames (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="default: the model's")
+    p.add_argument("--width", type=int, default=None, help="default: the model's")
     p.add_argument("--attention-chunk", type=int, default=256,
                    help="query block of the chunked attention (smaller = closer to a flash kernel's memory)")
     p.add_argument("--half", choices=("float16", "bfloat16"), default="float16",
