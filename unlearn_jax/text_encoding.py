@@ -322,23 +322,14 @@ def wan_prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-class WanT5Text(TextSide):
+class WanT5Text(T5Text):
     """A Wan pipeline's UMT5 as `WanPipeline.encode_prompt` uses it: the cleaned prompt tokenized to
     512 tokens with the mask, the encoder run with the mask, the hidden states kept up to each
     prompt's length and zero after it. The conditioning is that (N, 512, 4096) array."""
 
     def __init__(self, pipeline_dir: str | os.PathLike, max_length: int = WAN_MAX_LENGTH,
                  cache: EncoderCache | None = None):
-        self.pipeline_dir = _folders(pipeline_dir)[0]
-        self.max_length = resolve_max_length(self.pipeline_dir, max_length)
-        self.cache = cache
-        self._tokenizer = None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = _load_tokenizer(self.pipeline_dir / "tokenizer")
-        return self._tokenizer
+        super().__init__(pipeline_dir, max_length, cache)
 
     def encode(self, prompts, *, dtype=None, mesh=None, batch_size: int = 8) -> np.ndarray:
         if isinstance(prompts, str):
@@ -374,8 +365,6 @@ class WanT5Text(TextSide):
                                                                          dtype=dtype).encode()).hexdigest()
 
     def concept_mask(self, prompts, phrases, fallback: str = "all") -> np.ndarray:
-        from unlearn_jax.prompts import concept_token_mask
-
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)
-        return concept_token_mask(self.tokenizer, [wan_prompt_clean(p) for p in prompts],
-                                  [wan_prompt_clean(p) for p in phrases], self.max_length, fallback=fallback)
+        return super().concept_mask([wan_prompt_clean(p) for p in prompts], [wan_prompt_clean(p) for p in phrases],
+                                    fallback)

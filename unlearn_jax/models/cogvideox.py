@@ -15,9 +15,8 @@ gives the pipeline's velocity.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import Any
+
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +28,8 @@ from unlearn_jax.conversion import IDENTITY, LINEAR, Rule, RuleTable, flatten_in
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.jsonfiles import read_json_object
 from unlearn_jax.models.hooks import NO_HOOKS, ConceptAttention, Hooks
-from unlearn_jax.models.layers import ATTENTION_IMPLS, Dense, LayerNorm, attention, logical_constraint, remat
+from unlearn_jax.models.layers import (ATTENTION_IMPLS, Dense, LayerNorm, Runtime, attention, jitted_forward,
+                                      logical_constraint, remat, timestep_embedding)
 
 CLASS_NAME = "CogVideoXTransformer3DModel"
 
@@ -121,19 +121,6 @@ class CogVideoXConfig:
 # --------------------------------------------------------------------------------------------
 # Fixed (non-learned) embeddings, computed on the host for static shapes
 # --------------------------------------------------------------------------------------------
-def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, shift: float, max_period: float = 10000.0):
-    """Sinusoidal timestep features (B,) -> (B, dim) in fp32, diffusers' `get_timestep_embedding`."""
-    half = dim // 2
-    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - shift)
-    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
-    if flip_sin_to_cos:
-        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
-    if dim % 2:
-        emb = jnp.pad(emb, ((0, 0), (0, 1)))
-    return emb
-
-
 def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
     omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
     out = np.outer(pos.reshape(-1).astype(np.float64), 1.0 / 10000**omega)
@@ -208,20 +195,6 @@ def apply_rope(x, cos, sin):
 # --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-    """How the model runs (not part of the checkpoint): precision, kernels, memory policy, sharding."""
-
-    dtype: Any = jnp.float32  # compute dtype; norms, modulation and softmax stay fp32
-    param_dtype: Any = jnp.float32
-    attention: str = "xla"  # one of ATTENTION_IMPLS
-    attention_chunk: int | None = None  # query block of attention="chunked" (None: layers.ATTENTION_CHUNK)
-    remat: str = "none"  # one of layers.REMAT_POLICIES
-    scan_unroll: int = 1
-    mesh: Any = None  # activation sharding constraints when set
-    rules: tuple = ()
-
-
 class AdaNormZero(nnx.Module):
     """CogVideoXLayerNormZero: shared LayerNorm, separate shift/scale/gate for video and text tokens."""
 
@@ -472,12 +445,9 @@ class CogVideoXTransformer(nnx.Module):
         """diffusers-style forward: (B, F, C, H, W), (B, L, D), (B,) or scalar -> velocity (B, F, C, H, W)."""
         x, cond, t = self.forward_inputs(hidden_states, encoder_hidden_states, timestep)
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, x, cond, t)
+        return jitted_forward(graphdef, state, x, cond, t)
 
 
-@jax.jit
-def _jitted_forward(graphdef, state, x, ctx, t):
-    return nnx.merge(graphdef, state).forward(x, ctx, t)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Small NNX building blocks shared by the model families: annotated dense and norm layers, attention."""
+"""Small NNX building blocks shared by the model families: annotated dense and norm layers, attention,
+the runtime options, the sinusoidal timestep features, remat policies and the jitted forward."""
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import math
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,3 +130,36 @@ def logical_constraint(x, axes: Sequence[str | None], mesh, rules):
     from unlearn_jax.parallel import logical_to_spec
 
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, logical_to_spec(axes, rules)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the model runs (not part of the checkpoint): precision, kernels, memory policy, sharding."""
+
+    dtype: Any = jnp.float32  # compute dtype; norms, modulation and softmax stay fp32
+    param_dtype: Any = jnp.float32
+    attention: str = "xla"  # one of ATTENTION_IMPLS
+    attention_chunk: int | None = None  # query block of attention="chunked" (None: layers.ATTENTION_CHUNK)
+    remat: str = "none"  # one of layers.REMAT_POLICIES
+    scan_unroll: int = 1
+    mesh: Any = None  # activation sharding constraints when set
+    rules: tuple = ()
+
+
+def timestep_embedding(t, dim: int, flip_sin_to_cos: bool, shift: float, max_period: float = 10000.0):
+    """Sinusoidal timestep features (B,) -> (B, dim) in fp32, diffusers' `get_timestep_embedding`."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - shift)
+    args = jnp.asarray(t, jnp.float32)[:, None] * jnp.exp(exponent)[None]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+@jax.jit
+def jitted_forward(graphdef, state, x, cond, t):
+    """A model's velocity, `model.forward(x, cond, t)[0]`, with the weights as an argument (one compile per shapes)."""
+    return nnx.merge(graphdef, state).forward(x, cond, t)[0]

@@ -31,9 +31,9 @@ from unlearn_jax.conversion import (IDENTITY, LINEAR, Rule, RuleTable, Safetenso
                                     iter_torch_tensors, load_params, squeeze_leading, write_safetensors)
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.jsonfiles import read_json_object
-from unlearn_jax.models.cogvideox import Runtime, timestep_embedding
 from unlearn_jax.models.hooks import NO_HOOKS, ConceptAttention, Hooks
-from unlearn_jax.models.layers import ATTENTION_IMPLS, Dense, LayerNorm, attention, logical_constraint, remat
+from unlearn_jax.models.layers import (ATTENTION_IMPLS, Dense, LayerNorm, Runtime, attention, jitted_forward,
+                                      logical_constraint, remat, timestep_embedding)
 
 CLASS_NAME = "WanTransformer3DModel"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -401,12 +401,9 @@ class WanTransformer(nnx.Module):
         """diffusers' argument order: (B, C, F, H, W), timestep, (B, L, text_dim) -> velocity."""
         x, cond, t = self.forward_inputs(hidden_states, timestep, encoder_hidden_states)
         graphdef, state = nnx.split(self)
-        return _jitted_forward(graphdef, state, x, cond, t)
+        return jitted_forward(graphdef, state, x, cond, t)
 
 
-@jax.jit
-def _jitted_forward(graphdef, state, x, ctx, t):
-    return nnx.merge(graphdef, state).forward(x, ctx, t)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from unlearn_jax.conversion import IDENTITY, Rule, RuleTable, SafetensorsReader,
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.jsonfiles import read_json_object
 from unlearn_jax.models import layers
-from unlearn_jax.models.cogvideox_vae import CONV2D, CONV3D, LatentDistribution, _blend
+from unlearn_jax.models.video_vae import (CONV2D, CONV3D, LatentDistribution, _blend, _decode_chunk_jit,
+                                          _encode_chunk_jit)
 
 FAMILY = "Wan VAE"
 CLASS_NAME = "AutoencoderKLWan"
@@ -725,16 +726,6 @@ class AutoencoderKLWan(nnx.Module):
         h = jnp.transpose(h, (0, 4, 1, 2, 3))
         mean, logvar = jnp.split(h, 2, axis=1)
         return LatentDistribution(mean, jnp.clip(logvar, -30.0, 20.0))
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_chunk_jit(graphdef, state, z, cache):
-    return nnx.merge(graphdef, state).decode_chunk(z, cache)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _encode_chunk_jit(graphdef, state, x, cache):
-    return nnx.merge(graphdef, state).encode_chunk(x, cache)
 
 
 def _tile_spec(config: WanVAEConfig, tiling) -> WanTileSpec | None:
