@@ -65,6 +65,9 @@ def test_wan_pipeline_defaults_and_bad_folders(wan, tmp_path):
                                                               "latents_std": [1.0] * (vcfg["z_dim"] + 2)}))
     with pytest.raises(ModelFamilyError, match="different Wan models"):
         SamplingPlan.resolve(mismatch)
+    tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+    with pytest.raises(ModelFamilyError, match="image-to-video Wan transformer"):  # Wan 2.2 I2V-A14B's input
+        families.get("wan").transformer_config({**tcfg, "in_channels": 36, "out_channels": 16})
 
 
 @pytest.fixture(scope="module")

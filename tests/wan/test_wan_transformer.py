@@ -16,8 +16,10 @@ from helpers_wan import TEXT_LEN, VARIANTS, build_torch, inputs, tiny_config, to
 from unlearn_jax.conversion import plan_import
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.models.hooks import Hooks
-from unlearn_jax.models.wan import (CLASS_NAME, WanConfig, abstract_model, load_wan_transformer, param_targets,
-                                    rule_table, save_wan_transformer)
+from unlearn_jax import load_transformer as load_wan_transformer  # the one loader, through the Wan family
+from unlearn_jax import save_transformer as save_wan_transformer
+from unlearn_jax.conversion import module_targets as param_targets
+from unlearn_jax.models.wan import CLASS_NAME, WanConfig, abstract_model, rule_table
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "model_configs"
 FULL_CONFIGS = sorted(p.name for p in CONFIGS.glob("wan*_transformer.json"))
@@ -285,7 +287,7 @@ def test_config_errors_are_one_line(tmp_path):
     with pytest.raises(ModelFamilyError, match="CogVideoXTransformer3DModel, not a WanTransformer3DModel"):
         WanConfig.from_dict({"_class_name": "CogVideoXTransformer3DModel"})
     assert WanConfig.from_dict({"_class_name": CLASS_NAME, **base}).to_dict()["patch_size"] == [1, 2, 2]
-    with pytest.raises(UnlearnError, match="no such folder"):
+    with pytest.raises(UnlearnError, match="no such file or folder"):
         load_wan_transformer(tmp_path / "nope")
 
 

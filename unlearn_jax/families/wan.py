@@ -77,9 +77,9 @@ class WanFamily(Family):
         from unlearn_jax.models.wan import WanConfig
 
         cfg = WanConfig.from_dict(dict(d), where)
-        if cfg.in_channels != cfg.out_channels:  # Wan 2.2 I2V-A14B: noise and image latents stacked
-            raise ModelFamilyError(f"{where}: in_channels {cfg.in_channels} != out_channels {cfg.out_channels}: an "
-                                   "image-to-video Wan transformer; only text-to-video is supported")
+        if cfg.in_channels == 2 * cfg.out_channels + 4:  # I2V: noise + image latents + a 4-channel frame mask
+            raise ModelFamilyError(f"{where}: in_channels {cfg.in_channels} = 2 x {cfg.out_channels} + 4, the input "
+                                   "of an image-to-video Wan transformer; only text-to-video is supported")
         return cfg
 
     def abstract_transformer(self, cfg, **runtime):

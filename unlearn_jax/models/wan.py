@@ -18,7 +18,6 @@ attends over all L text positions (WanPipeline zero-pads the prompt embeddings t
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -27,8 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from unlearn_jax.conversion import (IDENTITY, LINEAR, Rule, RuleTable, SafetensorsReader, Target, flatten_in,
-                                    iter_torch_tensors, load_params, squeeze_leading, write_safetensors)
+from unlearn_jax.conversion import IDENTITY, LINEAR, Rule, RuleTable, flatten_in, squeeze_leading
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.jsonfiles import read_json_object
 from unlearn_jax.models.hooks import NO_HOOKS, ConceptAttention, Hooks
@@ -36,11 +34,9 @@ from unlearn_jax.models.layers import (ATTENTION_IMPLS, Dense, LayerNorm, Runtim
                                       logical_constraint, remat, timestep_embedding)
 
 CLASS_NAME = "WanTransformer3DModel"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 ROPE_THETA = 10000.0
 
-__all__ = ["CLASS_NAME", "Runtime", "WanConfig", "WanTransformer", "abstract_model", "load_wan_transformer",
-           "param_targets", "rope_tables", "rule_table", "save_wan_transformer"]
+__all__ = ["CLASS_NAME", "Runtime", "WanConfig", "WanTransformer", "abstract_model", "rope_tables", "rule_table"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,102 +440,3 @@ def rule_table(cfg: WanConfig) -> RuleTable:
 def abstract_model(cfg: WanConfig, **runtime) -> WanTransformer:
     """The model with shapes only (no memory), for planning loads and shardings."""
     return nnx.eval_shape(lambda: WanTransformer(cfg, rngs=nnx.Rngs(0), **runtime))
-
-
-# --------------------------------------------------------------------------------------------
-# diffusers folders (safetensors) in and out
-# --------------------------------------------------------------------------------------------
-def _transformer_dir(folder) -> Path:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UnlearnError(f"{folder}: no such folder (a diffusers Wan transformer or pipeline folder)")
-    if not (folder / "config.json").is_file() and (folder / "transformer" / "config.json").is_file():
-        return folder / "transformer"  # a pipeline folder; A14B's second expert is `<pipeline>/transformer_2`
-    if not (folder / "config.json").is_file():
-        raise UnlearnError(f"{folder}: no config.json (expected a diffusers transformer folder)")
-    return folder
-
-
-def param_targets(model_abs, mesh=None, rules=(), dtype=None) -> dict[str, Target]:
-    """The `conversion.Target` of every parameter of a (shape-only) model: its shape, `dtype` (None:
-    the checkpoint's) and, with a mesh, its sharding by its logical axes and `rules`."""
-    from unlearn_jax.parallel import named_sharding
-
-    targets = {}
-    for path, var in nnx.to_flat_state(nnx.state(model_abs, nnx.Param)):
-        shape = tuple(var.shape)
-        sharding = None if mesh is None else named_sharding(var.get_metadata().get("out_sharding"), shape, mesh,
-                                                            rules)
-        targets[".".join(map(str, path))] = Target(shape, dtype, sharding)
-    return targets
-
-
-def _assemble(model_abs, leaves):
-    graphdef, state = nnx.split(model_abs)
-    flat = [(p, var.replace(leaves[".".join(map(str, p))]) if ".".join(map(str, p)) in leaves else var)
-            for p, var in nnx.to_flat_state(state)]
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def load_wan_transformer(folder, dtype=None, mesh=None, rules=None, **runtime) -> WanTransformer:
-    """Reads a diffusers `WanTransformer3DModel` folder (or a pipeline folder's `transformer/`).
-
-    dtype: None keeps the checkpoint's dtype (parameters and compute); "float32"/"bfloat16"/...
-    casts every parameter. mesh: shard the parameters by their logical axes (`rules`, default
-    `parallel.DEFAULT_RULES`). runtime: `attention=`, `remat=`, `param_dtype=`... (`Runtime`)."""
-    from unlearn_jax.dtypes import as_dtype
-    from unlearn_jax.parallel import DEFAULT_RULES
-
-    folder = _transformer_dir(folder)
-    dtype = as_dtype(dtype)
-    rules = tuple(DEFAULT_RULES if rules is None else rules)
-    cfg = WanConfig.from_json(folder / "config.json")
-    reader = SafetensorsReader(folder, prefer=WEIGHTS_NAME)
-    try:
-        first = reader.dtype(reader.keys()[0])
-        compute = dtype if dtype is not None else (np.dtype(np.float32) if first == np.float64 else first)
-        rt = dict(runtime)
-        rt.setdefault("dtype", compute)
-        rt.setdefault("param_dtype", compute)
-        if mesh is not None:
-            rt.setdefault("mesh", mesh)
-            rt.setdefault("rules", rules)
-        model_abs = abstract_model(cfg, **rt)
-        leaves = load_params(reader, rule_table(cfg), param_targets(model_abs, mesh, rules, dtype), str(folder))
-    finally:
-        reader.close()
-    return _assemble(model_abs, leaves)
-
-
-def save_wan_transformer(model: WanTransformer, folder, dtype=None, *, overwrite: bool = False, root=None) -> Path:
-    """Writes a diffusers folder (config.json + one safetensors file) that
-    `WanTransformer3DModel.from_pretrained` loads; each tensor in the model's parameter dtype unless
-    `dtype` is given. Written to a temporary folder and renamed when complete; `overwrite` / `root`
-    as `atomic.atomic_dir` (a new folder, or one this project wrote)."""
-    from unlearn_jax.atomic import atomic_dir
-    from unlearn_jax.dtypes import as_dtype
-
-    cfg: WanConfig = model.config
-    table = rule_table(cfg)
-    wanted = {r.jax for r in table.rules}
-    leaves = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    specs, tensors = iter_torch_tensors(table, {k: v for k, v in leaves.items() if k in wanted})
-    dtype = as_dtype(dtype)
-    if dtype is not None:
-        specs = {k: (s, dtype) for k, (s, _) in specs.items()}
-        tensors = ((k, a.astype(dtype)) for k, a in tensors)
-    with atomic_dir(folder, overwrite, root=root) as tmp:
-        config = cfg.to_dict()
-        config["_diffusers_version"] = _diffusers_version()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors(tmp / WEIGHTS_NAME, tensors, specs)
-    return Path(folder)
-
-
-def _diffusers_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("diffusers")
-    except Exception:  # diffusers is optional: the folder layout does not depend on it
-        return "0.35.0"
