@@ -96,6 +96,7 @@ def _toy(a, model: Path) -> int:
     erased_concepts = E.check_concept_names(a.erased_concepts, "--erased-concepts")
     if erased_concepts and a.erasers is None:
         raise UnlearnError("--erased-concepts needs --erasers")
+    _check_out_dir(Path(a.out_dir), "toy_eval.json")
     cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps,
                        guidance_scale=E.EvalConfig.guidance_scale if a.guidance is None else a.guidance)
     out = Path(a.out_dir)
@@ -181,6 +182,14 @@ def _prompt_sets(a, model: Path) -> int:
 SETTINGS_FILE = "eval_settings.json"
 
 
+def _check_out_dir(out: Path, ours: str):
+    """The results are written under fixed names: never into a file or into a folder of the user's (one
+    that holds files but not `ours`, the file an earlier evaluation there wrote)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ours).is_file())):
+        raise UnlearnError(f"--out-dir {out} exists and holds files that unlearn-jax eval did not write; choose an "
+                           "empty or new folder")
+
+
 def _claim_out_dir(out: Path, settings: dict, overwrite: bool):
     """Records the generation settings in out/eval_settings.json. Stored per-video results are
     reused on a rerun only when they were made with the same settings (the protocol itself checks
@@ -191,6 +200,7 @@ def _claim_out_dir(out: Path, settings: dict, overwrite: bool):
 
     path = out / SETTINGS_FILE
     wanted = json.loads(json.dumps(settings))
+    _check_out_dir(out, SETTINGS_FILE)
     if path.is_file():
         old = json.loads(path.read_text())
         if old != wanted:

@@ -253,3 +253,32 @@ def test_prompts_augment_refuses_a_pickled_llm_in_one_line(capsys, tmp_path):
     assert rc == 2
     _one_line(capsys.readouterr().err, "unpickle", "safetensors")
     assert not marker.exists() and not (tmp_path / "p.jsonl").exists()
+
+
+def test_eval_never_writes_into_a_users_folder(capsys, tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "summary.json").write_text("mine")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ROOT / "assets" / "toy_world"), "--out-dir", str(user), "--n", "1"]) == 2
+    _one_line(capsys.readouterr().err, "did not write")
+    assert (user / "summary.json").read_text() == "mine" and len(list(user.iterdir())) == 1
+
+
+def test_sigterm_during_periodic_checkpoints_exits_143(pipeline, tmp_path):
+    """Checkpoints every step, so the signal lands during or right after a periodic save (the final save
+    then meets the step just saved: a no-op, not StepAlreadyExistsError)."""
+    import signal
+
+    cmd = [sys.executable, "-m", "unlearn_jax.cli", "erase", "--config", str(ROOT / "configs" / "tiny_test.py"),
+           f"--config.model.path={pipeline}", f"--config.workdir={tmp_path}", "--config.train.num_steps=400",
+           "--config.train.checkpoint_every=1", "--config.export.formats=[]", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "XLA_FLAGS": ""})
+    metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and json.loads(out)["status"] == "interrupted"
