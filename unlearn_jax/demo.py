@@ -26,8 +26,8 @@ def run(workdir: str | Path, seed: int = 0) -> dict:
     cfg = CogVideoXConfig.from_dict(TINY)
     t0 = time.perf_counter()
     model = CogVideoXTransformer(cfg, rngs=nnx.Rngs(seed))
-    save_transformer(model, work / "transformer")
-    save_orbax(model, work / "orbax")
+    save_transformer(model, work / "transformer", overwrite=True)  # a rerun replaces its own outputs only
+    save_orbax(model, work / "orbax", overwrite=True)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 3, cfg.in_channels, cfg.sample_height, cfg.sample_width), np.float32)
     ctx = rng.standard_normal((1, cfg.max_text_seq_length, cfg.text_embed_dim), np.float32)
