@@ -441,7 +441,9 @@ class Run:
         out = toy_eval.evaluate_erasure(self.pipeline, (self.eraser, phi), cfg, list(e.erased_concepts))
         table = toy_eval.format_comparison(out["comparison"])
         toy_eval.write_results(self.workdir / "eval.json", self.workdir / "eval.md", out, table)
-        return {"evaluation": str(self.workdir / "eval.json"), "table": table}
+        # "completed" says the training ran to its end; whether it erased is this (also in eval.json)
+        target = "met" if out["comparison"]["target_met"] else "NOT met"
+        return {"evaluation": str(self.workdir / "eval.json"), "erasure_target": target, "table": table}
 
     def plot(self, history: list[dict]):
         from unlearn_jax.plots import plot_losses, plot_masks

@@ -22,6 +22,9 @@ def _main(args) -> int:
     print(json.dumps(summary, indent=2))
     if table:
         print(table)
+    if summary.get("erasure_target") == "NOT met":
+        print("the training completed but the erasure target was NOT met (see the table and eval.json)",
+              file=sys.stderr)
     if summary["status"] == "interrupted":
         from unlearn_jax.exit_codes import SIGTERM
 

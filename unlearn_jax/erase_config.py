@@ -92,7 +92,7 @@ def default_config() -> ConfigDict:
     c.evaluate = ConfigDict()
     c.evaluate.toy_world = False
     c.evaluate.erased_concepts = []  # toy concept names of this run ("colour:red"): judged <= 10%
-    c.evaluate.n = 16  # prompts (videos) per concept and synonym split (train / held-out)
+    c.evaluate.n = 64  # prompts (videos) per concept and synonym split (train / held-out); 16 is too coarse
     c.evaluate.num_steps = 25  # DDIM steps of the evaluation sampler
     c.evaluate.guidance_scale = 6.0
     c.evaluate.seed = 0

@@ -61,7 +61,7 @@ def register(sub):
     s.add_argument("--negative-prompt", default="")
     s.add_argument("--batch-size", type=int, default=1, help="videos generated together")
     t = p.add_argument_group("toy world")
-    t.add_argument("--n", type=int, default=16, help="prompts per concept and synonym split (default 16)")
+    t.add_argument("--n", type=int, default=64, help="prompts per concept and synonym split (default 64)")
     t.add_argument("--erased-concepts", nargs="*", default=[],
                    help="toy concepts the erasers remove (colour:red ...): judged <= 10%%, kept out of other prompts")
     p.add_argument("--no-progress", action="store_true")

@@ -17,6 +17,11 @@ model's output). Each attribute is "none" when no object is found.
   and `r4`, the fourth cumulant of the diagonal projections over that of the axis projections
   (a square 1/2, a disc 1: a disc looks the same in every direction). Medians over frames.
 It tolerates the blur, noise and faint specks a small generative model leaves.
+
+`check(video)` says whether a video is a valid toy video at all (`validity`): the world's
+background, one object in (nearly) every frame, no flooded frame, an object colour near the
+palette. A broken video is neither "correct" nor "erased" in the evaluation (a model that floods
+the frame with yellow when asked for a triangle has not erased the triangle, it has broken).
 """
 from __future__ import annotations
 
@@ -38,6 +43,13 @@ class DetectorConfig:
     min_speed: float = 0.6           # pixels per frame below which the object counts as not moving
     triangle_skew: float = -0.2      # vertical skewness below this: triangle
     square_r4: float = 0.75          # else r4 nearer the ideal square (1/2) than disc (1): square, else circle
+    # validity (a world video: background (0.08, 0.08, 0.10), one object covering <= 31% of a frame)
+    background_tolerance: float = 0.2    # RGB distance of the video's background from the world's
+    flood_fraction: float = 0.7          # a frame whose foreground covers more than this is flooded (the toy
+                                         # model draws squares blurred, up to 55% of the frame)
+    object_pixels: int = 6               # a foreground component of at least this many pixels is an object
+    max_bad_frames: int = 1              # frames allowed without exactly one object
+    palette_tolerance: float = 0.35      # RGB distance of the object's colour from the nearest palette entry
 
 
 def _background(video: np.ndarray) -> np.ndarray:
@@ -128,6 +140,41 @@ def classify(feat: Mapping, cfg: DetectorConfig = DetectorConfig()) -> dict:
     return {"colour": colour, "shape": shape, "motion": motion}
 
 
+WORLD_BACKGROUND = (0.08, 0.08, 0.10)  # WorldConfig.background
+
+
+def validity(video: np.ndarray, cfg: DetectorConfig = DetectorConfig(), feat: Mapping | None = None,
+             background=WORLD_BACKGROUND) -> str | None:
+    """None for a valid toy video, else why it is broken (one short phrase): "background", "flooded",
+    "no object", "objects", "colour" (see the module docstring)."""
+    v = np.asarray(video, np.float32)
+    feat = features(v, cfg) if feat is None else feat
+    if np.linalg.norm(np.asarray(feat["background"]) - np.asarray(background, np.float32)) > cfg.background_tolerance:
+        return "background"
+    fg = np.linalg.norm(v - np.asarray(background, np.float32)[None, :, None, None], axis=1) > cfg.fg_threshold
+    if (fg.mean(axis=(1, 2)) > cfg.flood_fraction).any():
+        return "flooded"
+    if not feat.get("present"):
+        return "no object"
+    bad = 0
+    for f in range(len(v)):
+        labels, n = ndimage.label(fg[f])
+        sizes = ndimage.sum_labels(fg[f], labels, index=np.arange(1, n + 1)) if n else np.zeros(0)
+        bad += int((sizes >= cfg.object_pixels).sum() != 1)
+    if bad > cfg.max_bad_frames:
+        return "objects"
+    pal = np.asarray(list(PALETTE.values()), np.float32)
+    if np.linalg.norm(pal - feat["colour_rgb"][None], axis=1).min() > cfg.palette_tolerance:
+        return "colour"
+    return None
+
+
+def check(video: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> dict:
+    """`detect`'s attributes plus "broken": None for a valid toy video, else the reason (`validity`)."""
+    feat = features(video, cfg)
+    return {**classify(feat, cfg), "broken": validity(video, cfg, feat)}
+
+
 def detect(video: np.ndarray, cfg: DetectorConfig = DetectorConfig()) -> dict:
     """{"colour", "shape", "motion"} of the object in `video` (frames, 3, H, W) in [0, 1]."""
     return classify(features(video, cfg), cfg)
@@ -155,4 +202,5 @@ def degrade(video: np.ndarray, rng: np.random.Generator, noise: float = 0.05, bl
     return np.clip(v, 0.0, 1.0)
 
 
-__all__ = ["DetectorConfig", "NONE", "accuracy", "classify", "degrade", "detect", "detect_batch", "features"]
+__all__ = ["DetectorConfig", "NONE", "WORLD_BACKGROUND", "accuracy", "check", "classify", "degrade", "detect",
+           "detect_batch", "features", "validity"]

@@ -9,7 +9,12 @@ whose detected attribute is the prompted value. `all` is the fraction with every
 attribute right. Prompts and noise are a pure function of the seed, so two models (a base
 model and its erased copy) are compared on the same prompts and the same noise.
 
-    python -m unlearn_jax.toy.evaluate --model assets/toy_world --n 16 --out runs/toy_eval.json
+A toy folder of any architecture (the CogVideoX toy, the Wan toy) is read through its model family
+(`families.of_folder`): the family's text side encodes the prompts, the family's sampler kind runs
+the folder's scheduler config, and the latents are drawn in the family's layout (CogVideoX: frames
+first, Wan: channels first) and turned into the detector's (N, frames, 3, H, W) videos.
+
+    python -m unlearn_jax.toy.evaluate --model assets/toy_world --n 64 --out runs/toy_eval.json
 """
 from __future__ import annotations
 
@@ -27,14 +32,14 @@ from flax import nnx
 
 from unlearn_jax.sampling import sample
 from unlearn_jax.schedulers import SchedulerConfig, make_schedule
-from unlearn_jax.toy.detector import detect
+from unlearn_jax.toy.detector import check
 from unlearn_jax.toy.world import ATTRIBUTES, SPLITS, VALUES, World, WorldConfig, caption, from_model_space
 from unlearn_jax.video_io import write_png  # noqa: F401  (re-exported: it used to live here)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    n: int = 16                  # prompts (= videos) per concept and split
+    n: int = 64                  # prompts (= videos) per concept and split: one video is 0.016
     num_steps: int = 25          # DDIM steps
     guidance_scale: float = 6.0  # CogVideoX's default
     seed: int = 0
@@ -90,21 +95,36 @@ def eval_prompts(cfg: EvalConfig, concept_list: Sequence[tuple[str, str]] | None
 
 
 def load_pipeline(folder):
-    """(transformer, scheduler config, world config, encode) of a toy pipeline folder."""
+    """(transformer, scheduler config, world config, encode) of a toy pipeline folder, through its
+    family: `encode(prompts)` is the family's text side, the scheduler config runs as the family's
+    default sampler."""
+    from unlearn_jax import families
     from unlearn_jax.loading import load_transformer
-    from unlearn_jax.text_encoding import encode_prompts
 
     folder = Path(folder)
+    family = families.of_folder(folder)
+    family.check_folder(folder)
     info = json.loads((folder / "toy_world.json").read_text())
     world_cfg = WorldConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["world"]["config"].items()})
-    sched = SchedulerConfig.from_diffusers(folder / "scheduler")
     model = load_transformer(folder, dtype="float32")
-    return model, sched, world_cfg, lambda prompts: encode_prompts(folder, prompts)
+    kind = family.sampler_defaults(model.config).sampler
+    sched = SchedulerConfig.from_diffusers(folder / "scheduler", kind=kind)
+    text = family.text(folder)
+    return model, sched, world_cfg, lambda prompts: text.encode(list(prompts))
+
+
+def latent_layout(model) -> str:
+    """"FCHW" or "CFHW": the latent layout of a model (or an erased model) of a known family; a bare
+    `velocity_fn` is taken to be frames-first (the CogVideoX toy's)."""
+    from unlearn_jax import families
+
+    config = getattr(model, "config", None)
+    return "FCHW" if config is None else families.of_config(config).latent_layout
 
 
 def make_generator(model, sched: SchedulerConfig, cfg: EvalConfig) -> Callable:
-    """A jitted `gen(noise, ctx, uncond) -> videos in [0, 1]`, for a CogVideoX module or a
-    `velocity_fn(x, t, ctx)`."""
+    """A jitted `gen(noise, ctx, uncond) -> final latents`, for a toy model (a module with `forward`) or
+    a `velocity_fn(x, t, ctx)`."""
     schedule = make_schedule(sched, cfg.num_steps)
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
@@ -127,52 +147,90 @@ def make_generator(model, sched: SchedulerConfig, cfg: EvalConfig) -> Callable:
 
 
 def generate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Callable, prompts: Sequence[str],
-             cfg: EvalConfig, noise_seed: int | None = None) -> np.ndarray:
-    """(N, frames, 3, size, size) videos in [0, 1], one per prompt; noise i = normal(fold_in(seed, i))."""
+             cfg: EvalConfig, noise_seed: int | None = None, layout: str | None = None) -> np.ndarray:
+    """(N, frames, 3, size, size) videos in [0, 1], one per prompt; noise i = normal(fold_in(seed, i)),
+    drawn in the model's latent layout (`layout`: "FCHW" | "CFHW", default `latent_layout(model)`)."""
     gen = make_generator(model, sched, cfg)
     ctx_all = encode(list(prompts))
     uncond = encode([""])
     key = jax.random.key(cfg.seed if noise_seed is None else noise_seed)
+    layout = latent_layout(model) if layout is None else layout
+    if layout not in ("FCHW", "CFHW"):
+        raise ValueError(f"layout {layout!r}: expected 'FCHW' or 'CFHW'")
     shape = (world_cfg.frames, 3, world_cfg.size, world_cfg.size)
+    latent = shape if layout == "FCHW" else (3, world_cfg.frames, world_cfg.size, world_cfg.size)
     out = []
     bs = cfg.batch_size
     for start in range(0, len(prompts), bs):
         idx = np.arange(start, min(start + bs, len(prompts)))
         n = len(idx)
         pad = np.concatenate([idx, np.repeat(idx[:1], bs - n)]) if n < bs else idx
-        noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), shape, jnp.float32) for i in pad])
-        latents = gen(noise, jnp.asarray(ctx_all[pad]), jnp.asarray(uncond))
-        out.append(from_model_space(np.asarray(latents))[:n])
+        noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), latent, jnp.float32) for i in pad])
+        latents = np.asarray(gen(noise, jnp.asarray(ctx_all[pad]), jnp.asarray(uncond)))
+        if layout == "CFHW":
+            latents = latents.transpose(0, 2, 1, 3, 4)
+        out.append(from_model_space(latents)[:n])
     return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% by default) of a binomial rate k / n."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+
+
 def summarize(items: Sequence[dict], detections: Sequence[dict], splits: Sequence[str]) -> dict:
-    rates, joint = {}, {}
+    """Per concept and split: `rates` (valid videos showing the prompted value: a broken video is
+    never correct), `broken` (fraction of broken videos), `intervals` (Wilson 95% of the rate),
+    `turns_into` (what the concept's attribute is detected as on its prompts: values, "none",
+    "broken"), `others_kept` (each other attribute right on the concept's prompts), and
+    `all_attributes` (every attribute right)."""
+    rates, joint, broken, intervals, turns, kept, counts = {}, {}, {}, {}, {}, {}, {}
     for attr, value in concepts():
         name = concept_name(attr, value)
         for split in splits:
             sel = [(it, d) for it, d in zip(items, detections) if it["concept"] == name and it["split"] == split]
             if not sel:
                 continue
-            rates.setdefault(name, {})[split] = sum(d[attr] == value for _, d in sel) / len(sel)
-            joint.setdefault(name, {})[split] = sum(all(d[a] == it["attributes"][a] for a in ATTRIBUTES)
-                                                    for it, d in sel) / len(sel)
+            n = len(sel)
+            ok = [d.get("broken") is None for _, d in sel]
+            k = sum(v and d[attr] == value for v, (_, d) in zip(ok, sel))
+            rates.setdefault(name, {})[split] = k / n
+            intervals.setdefault(name, {})[split] = wilson(k, n)
+            broken.setdefault(name, {})[split] = 1 - sum(ok) / n
+            counts.setdefault(name, {})[split] = n
+            joint.setdefault(name, {})[split] = sum(v and all(d[a] == it["attributes"][a] for a in ATTRIBUTES)
+                                                    for v, (it, d) in zip(ok, sel)) / n
+            seen = {}
+            for v, (_, d) in zip(ok, sel):
+                key = d[attr] if v else "broken"
+                seen[key] = seen.get(key, 0) + 1
+            turns.setdefault(name, {})[split] = {key: c / n for key, c in sorted(seen.items(), key=lambda x: -x[1])}
+            kept.setdefault(name, {})[split] = {a: sum(v and d[a] == it["attributes"][a] for v, (it, d) in zip(ok, sel)) / n
+                                                for a in ATTRIBUTES if a != attr}
     mean = {s: float(np.mean([r[s] for r in rates.values() if s in r])) for s in splits}
-    return {"rates": rates, "all_attributes": joint, "mean_rate": mean}
+    mean_broken = {s: float(np.mean([r[s] for r in broken.values() if s in r])) for s in splits}
+    return {"rates": rates, "intervals": intervals, "broken": broken, "n": counts, "turns_into": turns,
+            "others_kept": kept, "all_attributes": joint, "mean_rate": mean, "mean_broken": mean_broken}
 
 
 def evaluate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Callable, cfg: EvalConfig = EvalConfig(),
              concept_list=None, keep_videos: bool = False) -> dict:
     """Generation rate of every concept (per split), plus every prompt's detections.
 
-    model: a CogVideoX module or a `velocity_fn(x, t, ctx)` (e.g. a model with erasers attached).
+    model: a toy model (CogVideoX or Wan, with erasers attached or not) or a frames-first
+    `velocity_fn(x, t, ctx)`.
     keep_videos: also return the videos, (N, frames, 3, size, size) in [0, 1], under "videos".
     """
     items = eval_prompts(cfg, concept_list)
     t0 = time.perf_counter()
     videos = generate(model, sched, world_cfg, encode, [it["prompt"] for it in items], cfg)
     seconds = time.perf_counter() - t0
-    detections = [detect(v) for v in videos]
+    detections = [check(v) for v in videos]
     report = summarize(items, detections, cfg.splits)
     report["settings"] = {**cfg.to_dict(), "videos": len(items), "generation_seconds": round(seconds, 1)}
     report["items"] = [{**it, "detected": d} for it, d in zip(items, detections)]
@@ -182,14 +240,24 @@ def evaluate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Call
 
 
 def format_table(report: dict) -> str:
+    """One model's table: per split the rate with its 95% interval, the broken fraction, and every
+    attribute right."""
     splits = list(report["settings"]["splits"])
-    head = f"{'concept':<16}" + "".join(f"{s + ' rate':>14}" for s in splits) + "".join(f"{s + ' all':>13}" for s in splits)
+    head = f"{'concept':<16}" + "".join(f"{s + ' rate':>14}{'95% CI':>13}{'broken':>8}{'all':>6}" for s in splits)
     lines = [head, "-" * len(head)]
     for name, r in report["rates"].items():
-        j = report["all_attributes"][name]
-        lines.append(f"{name:<16}" + "".join(f"{r.get(s, float('nan')):>14.2f}" for s in splits)
-                     + "".join(f"{j.get(s, float('nan')):>13.2f}" for s in splits))
-    lines.append(f"{'mean':<16}" + "".join(f"{report['mean_rate'][s]:>14.2f}" for s in splits))
+        cells = []
+        for s in splits:
+            lo, hi = report["intervals"][name][s]
+            ci = f"[{lo:.2f}, {hi:.2f}]"
+            cells.append(f"{r[s]:>14.2f}{ci:>13}{report['broken'][name][s]:>8.2f}"
+                         f"{report['all_attributes'][name][s]:>6.2f}")
+        lines.append(f"{name:<16}" + "".join(cells))
+    lines.append(f"{'mean':<16}" + "".join(f"{report['mean_rate'][s]:>14.2f}{'':>13}{report['mean_broken'][s]:>8.2f}"
+                                           f"{'':>6}" for s in splits))
+    n = sorted({v for r in report["n"].values() for v in r.values()})
+    lines.append(f"videos per concept and split: {', '.join(map(str, n))}; a broken video (not a valid toy video) "
+                 "counts as neither correct nor erased")
     return "\n".join(lines)
 
 
@@ -204,38 +272,75 @@ def video_grid(videos: np.ndarray, scale: int = 4, pad: int = 1) -> np.ndarray:
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
+BROKEN_MARGIN = 0.02  # the erased model may break this many more videos than the base model
+
+
 def compare(base: dict, erased: dict, erased_concepts: Sequence[str] = ()) -> dict:
-    """Before/after rates of every concept: {concept: {split: {"base", "erased", "change"}}, plus
-    the checks of a successful erasure: every erased concept's rate <= 0.10 in every split, every
-    other concept within 0.10 of the base model's rate."""
-    rows, worst_erased, worst_other, worst_drop = {}, 0.0, 0.0, 0.0
+    """Before/after of every concept: {concept: {split: {"base", "erased", "change", "broken_base",
+    "broken_erased", "interval"}}}, plus the checks of a successful erasure: every erased concept's
+    rate <= 0.10 in every split with its broken videos counted as not erased (`still`), every other
+    concept within 0.10 of the base model's rate, and no concept with more broken videos than the
+    base model + BROKEN_MARGIN."""
+    rows, worst_erased, worst_other, worst_drop, worst_broken = {}, 0.0, 0.0, 0.0, 0.0
     for name, r in base["rates"].items():
         e = erased["rates"].get(name, {})
-        rows[name] = {s: {"base": r[s], "erased": e[s], "change": e[s] - r[s]} for s in r if s in e}
-        for cell in rows[name].values():
+        rows[name] = {}
+        for s in r:
+            if s not in e:
+                continue
+            cell = {"base": r[s], "erased": e[s], "change": e[s] - r[s], "broken_base": base["broken"][name][s],
+                    "broken_erased": erased["broken"][name][s], "interval": erased["intervals"][name][s]}
             if name in erased_concepts:
-                worst_erased = max(worst_erased, cell["erased"])
+                cell["still"] = cell["erased"] + cell["broken_erased"]  # shown, or broken: not erased
+                cell["turns_into"] = erased["turns_into"][name][s]
+                cell["others_kept"] = {"base": base["others_kept"][name][s], "erased": erased["others_kept"][name][s]}
+                worst_erased = max(worst_erased, cell["still"])
             else:
                 worst_other = max(worst_other, abs(cell["change"]))
                 worst_drop = max(worst_drop, -cell["change"])
-    return {"erased_concepts": list(erased_concepts), "rates": rows,
-            "max_erased_rate": worst_erased, "max_other_change": worst_other, "max_other_drop": worst_drop,
-            "erased_ok": worst_erased <= 0.10 + 1e-9, "others_ok": worst_other <= 0.10 + 1e-9}
+            worst_broken = max(worst_broken, cell["broken_erased"] - cell["broken_base"])
+            rows[name][s] = cell
+    out = {"erased_concepts": list(erased_concepts), "rates": rows,
+           "max_erased_rate": worst_erased, "max_other_change": worst_other, "max_other_drop": worst_drop,
+           "max_broken_increase": worst_broken, "erased_ok": worst_erased <= 0.10 + 1e-9,
+           "others_ok": worst_other <= 0.10 + 1e-9, "broken_ok": worst_broken <= BROKEN_MARGIN + 1e-9}
+    out["target_met"] = bool(out["erased_ok"] and out["others_ok"] and out["broken_ok"])
+    return out
 
 
 def format_comparison(cmp: dict) -> str:
-    """The before/after table: one row per concept, base -> erased rate per split."""
+    """The before/after table: one row per concept, base -> erased rate per split (with the erased
+    rate's 95% interval and the broken fractions), then what each erased concept turned into."""
     splits = list(next(iter(cmp["rates"].values())))
-    head = f"{'concept':<16}" + "".join(f"{s + ': base':>14}{'erased':>8}{'change':>8}" for s in splits)
+    head = f"{'concept':<16}" + "".join(f"{s + ': base':>14}{'erased':>8}{'95% CI':>14}{'change':>8}{'broken':>12}"
+                                        for s in splits)
     lines = [head, "-" * len(head)]
     for name, row in cmp["rates"].items():
         mark = " (erased)" if name in cmp["erased_concepts"] else ""
-        lines.append(f"{name:<16}" + "".join(f"{row[s]['base']:>14.2f}{row[s]['erased']:>8.2f}{row[s]['change']:>+8.2f}"
-                                             for s in splits) + mark)
-    lines.append(f"erased concepts: max rate {cmp['max_erased_rate']:.2f} (target <= 0.10: "
-                 f"{'met' if cmp['erased_ok'] else 'NOT met'}); other concepts: max |change| "
+        cells = []
+        for s in splits:
+            c = row[s]
+            lo, hi = c["interval"]
+            ci = f"[{lo:.2f}, {hi:.2f}]"
+            broken = f"{c['broken_base']:.2f}->{c['broken_erased']:.2f}"
+            cells.append(f"{c['base']:>14.2f}{c['erased']:>8.2f}{ci:>14}{c['change']:>+8.2f}{broken:>12}")
+        lines.append(f"{name:<16}" + "".join(cells) + mark)
+    for name in cmp["erased_concepts"]:
+        for s in splits:
+            c = cmp["rates"].get(name, {}).get(s)
+            if c is None:
+                continue
+            into = ", ".join(f"{k} {v:.2f}" for k, v in c["turns_into"].items())
+            kept = ", ".join(f"{a} {c['others_kept']['base'][a]:.2f}->{c['others_kept']['erased'][a]:.2f}"
+                             for a in c["others_kept"]["base"])
+            lines.append(f"{name} ({s}) is now detected as: {into}; its other attributes kept: {kept}")
+    verdict = "met" if cmp["target_met"] else "NOT met"
+    lines.append(f"erased concepts: max rate {cmp['max_erased_rate']:.2f} with broken videos counted as not erased "
+                 f"(target <= 0.10: {'met' if cmp['erased_ok'] else 'NOT met'}); other concepts: max |change| "
                  f"{cmp['max_other_change']:.2f} (target <= 0.10: {'met' if cmp['others_ok'] else 'NOT met'}), "
-                 f"largest drop {cmp['max_other_drop']:.2f}")
+                 f"largest drop {cmp['max_other_drop']:.2f}; broken videos: largest increase "
+                 f"{cmp['max_broken_increase']:+.2f} (target <= +{BROKEN_MARGIN:.2f}: "
+                 f"{'met' if cmp['broken_ok'] else 'NOT met'}); erasure target {verdict}")
     return "\n".join(lines)
 
 
@@ -301,6 +406,7 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["EvalConfig", "check_concept_names", "compare", "concepts", "eval_prompts", "evaluate", "evaluate_erasure",
-           "format_comparison", "format_table", "generate", "load_pipeline", "main", "make_generator", "summarize",
+__all__ = ["BROKEN_MARGIN", "EvalConfig", "wilson", "check_concept_names", "compare", "concepts", "eval_prompts", "evaluate", "evaluate_erasure",
+           "format_comparison", "format_table", "generate", "latent_layout", "load_pipeline", "main", "make_generator",
+           "summarize",
            "video_grid", "write_png", "write_results"]
