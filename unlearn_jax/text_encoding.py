@@ -322,6 +322,15 @@ def wan_prompt_clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def encode_length(longest: int, max_length: int, smallest: int = 16) -> int:
+    """The positions a masked encoder runs over for a batch whose longest prompt has `longest`
+    tokens: the next power of two (at least `smallest`), at most `max_length`."""
+    n = smallest
+    while n < longest:
+        n *= 2
+    return min(n, max_length)
+
+
 class WanT5Text(T5Text):
     """A Wan pipeline's UMT5 as `WanPipeline.encode_prompt` uses it: the cleaned prompt tokenized to
     512 tokens with the mask, the encoder run with the mask, the hidden states kept up to each
@@ -354,7 +363,13 @@ class WanT5Text(T5Text):
             n = len(i)
             if n < bs:  # one compiled shape for every batch
                 i, m = np.concatenate([i, np.repeat(i[:1], bs - n, 0)]), np.concatenate([m, np.repeat(m[:1], bs - n, 0)])
-            out.append(encoder(i, m)[:n])
+            # With the mask no valid position attends to a padded one (and T5's position bias is
+            # relative), so the encoder runs over the batch's longest prompt only, rounded up to a
+            # power of two (few compiled lengths); the rest is the zeros the pipeline puts there.
+            length = encode_length(int(m.sum(axis=1).max()), self.max_length)
+            e = np.zeros((bs, self.max_length, encoder.d_model), np.float32)
+            e[:, :length] = encoder(i[:, :length], m[:, :length])
+            out.append(e[:n])
         emb = np.concatenate(out)
         # the pipeline keeps each prompt's first seq_len states and pads with zeros (right padding: the mask)
         return np.where(mask[..., None], emb, np.float32(0.0))
