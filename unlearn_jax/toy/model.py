@@ -1,7 +1,12 @@
 """The toy text-to-video model: a small CogVideoX transformer over pixels, a tiny T5 with a
 word-level tokenizer, CogVideoX-2B's DDIM scheduler, saved as a diffusers pipeline folder.
+The same world also has a Wan-architecture toy (`WanToyModelConfig`, `arch="wan"`): a small
+`WanTransformer3DModel` over pixels, the same frozen T5 read the Wan way (`text_encoding.WanT5Text`:
+with the attention mask, states zero after each prompt), flow matching and Wan's UniPC scheduler,
+saved as a `WanPipeline` folder.
 
-- "Latents" are the world's pixels in [-1, 1], layout (B, frames, 3, size, size): no VAE.
+- "Latents" are the world's pixels in [-1, 1], layout (B, frames, 3, size, size) for CogVideoX,
+  (B, 3, frames, size, size) for Wan: no VAE.
 - The text encoder stands in for a *pretrained* T5: its token embeddings are built so that the
   synonyms of an attribute value sit together (a shared direction per value plus a
   word-specific part, cosine ~ 1 - synonym_spread^2), which is what lets held-out synonyms,
@@ -15,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -43,11 +49,53 @@ SCHEDULER_CONFIG = {
 }
 
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")
+ARCHS = ("cogvideox", "wan")
+
+
+def wan_scheduler_config(flow_shift: float) -> dict:
+    """The Wan pipelines' scheduler (`UniPCMultistepScheduler(prediction_type="flow_prediction",
+    use_flow_sigmas=True, num_train_timesteps=1000, flow_shift=...)`, as diffusers' conversion script
+    builds it) with the toy's shift: every key diffusers 0.42 writes for that call."""
+    return {
+        "_class_name": "UniPCMultistepScheduler",
+        "_diffusers_version": "0.42.1",
+        "beta_end": 0.02,
+        "beta_schedule": "linear",
+        "beta_start": 0.0001,
+        "disable_corrector": [],
+        "dynamic_thresholding_ratio": 0.995,
+        "final_sigmas_type": "zero",
+        "flow_shift": float(flow_shift),
+        "lower_order_final": True,
+        "num_train_timesteps": 1000,
+        "predict_x0": True,
+        "prediction_type": "flow_prediction",
+        "rescale_betas_zero_snr": False,
+        "sample_max_value": 1.0,
+        "shift_terminal": None,
+        "sigma_max": None,
+        "sigma_min": None,
+        "solver_order": 2,
+        "solver_p": None,
+        "solver_type": "bh2",
+        "steps_offset": 0,
+        "thresholding": False,
+        "time_shift_type": "exponential",
+        "timestep_spacing": "linspace",
+        "trained_betas": None,
+        "use_beta_sigmas": False,
+        "use_dynamic_shifting": False,
+        "use_exponential_sigmas": False,
+        "use_flow_sigmas": True,
+        "use_karras_sigmas": False,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class ToyModelConfig:
     """Sizes of the toy model (the world's size/frames come from `WorldConfig`)."""
+
+    arch: ClassVar[str] = "cogvideox"
 
     width_heads: int = 3
     head_dim: int = 32
@@ -68,6 +116,81 @@ class ToyModelConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class WanToyModelConfig:
+    """Sizes of the Wan-architecture toy model. The text-encoder fields are `ToyModelConfig`'s (same
+    names, same defaults): both toys read the same frozen encoder."""
+
+    arch: ClassVar[str] = "wan"
+
+    num_attention_heads: int = 3
+    attention_head_dim: int = 32     # 3D RoPE over (frames, height, width): 12 + 10 + 10 of it
+    num_layers: int = 4
+    ffn_dim: int = 384
+    freq_dim: int = 64
+    patch_size: tuple = (1, 4, 4)
+    # Text positions the transformer sees, written into transformer/config.json as
+    # `max_text_seq_length`. The family's text side (`families.wan` -> `text_encoding.WanT5Text`)
+    # pads every prompt to 512 (WanPipeline's max_sequence_length) whatever that field says, and
+    # Wan's cross-attention has no mask, so the zero padding is part of what the model reads: the
+    # model must be trained at the length the family encodes at (checked when the folder is saved).
+    max_text_seq_length: int = 512
+    flow_shift: float = 3.0          # the scheduler config's flow_shift (sampling)
+    adaln_zero_init: bool = True     # gates, cross-attention output and output projection start at zero
+    # text encoder (ToyModelConfig's)
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ff: int = 128
+    synonym_spread: float = 0.35
+    text_block_scale: float = 0.5
+
+    def __post_init__(self):
+        if isinstance(self.patch_size, list):
+            object.__setattr__(self, "patch_size", tuple(self.patch_size))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = list(self.patch_size)
+        return {"arch": self.arch, **d}
+
+
+def model_config(arch: str = "cogvideox", **changes):
+    """The default toy model config of an architecture ("cogvideox" | "wan"), with `changes`."""
+    if arch not in ARCHS:
+        from unlearn_jax.errors import UnlearnError
+
+        raise UnlearnError(f"toy model arch {arch!r} is unknown; expected one of {', '.join(ARCHS)}")
+    cls = WanToyModelConfig if arch == "wan" else ToyModelConfig
+    return cls(**changes)
+
+
+def wan_transformer_config(cfg: WanToyModelConfig):
+    from unlearn_jax.models.wan import WanConfig
+
+    return WanConfig(patch_size=tuple(cfg.patch_size), num_attention_heads=cfg.num_attention_heads,
+                     attention_head_dim=cfg.attention_head_dim, in_channels=3, out_channels=3, text_dim=cfg.text_dim,
+                     freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True)
+
+
+def create_wan_transformer(cfg: WanToyModelConfig, seed: int = 0):
+    """A freshly initialised Wan transformer; with `adaln_zero_init` every block starts as the
+    identity (its modulation table and time projection zero, so every gate is zero; the ungated
+    cross-attention's output projection zero) and the velocity as zero (output projection zero),
+    the Wan counterpart of DiT's adaLN-Zero."""
+    from flax import nnx
+
+    from unlearn_jax.models.wan import WanTransformer
+
+    model = WanTransformer(wan_transformer_config(cfg), rngs=nnx.Rngs(seed))
+    if cfg.adaln_zero_init:
+        for mod in (model.time_proj, model.blocks.attn2.to_out, model.proj_out):
+            mod.kernel[...] = jnp.zeros_like(mod.kernel[...])
+            mod.bias[...] = jnp.zeros_like(mod.bias[...])
+        model.blocks.scale_shift_table[...] = jnp.zeros_like(model.blocks.scale_shift_table[...])
+    return model
+
+
 def transformer_config(cfg: ToyModelConfig, size: int, frames: int) -> CogVideoXConfig:
     return CogVideoXConfig(
         num_attention_heads=cfg.width_heads, attention_head_dim=cfg.head_dim, in_channels=3, out_channels=3,
@@ -80,7 +203,10 @@ def transformer_config(cfg: ToyModelConfig, size: int, frames: int) -> CogVideoX
 def create_transformer(cfg: ToyModelConfig, size: int, frames: int, seed: int = 0) -> CogVideoXTransformer:
     """A freshly initialised transformer; with `adaln_zero_init` the shift/scale/gate projections of
     every block, the output modulation and the output projection are zero (every block starts as
-    the identity and the velocity as zero), as DiT initialises its adaLN-Zero blocks."""
+    the identity and the velocity as zero), as DiT initialises its adaLN-Zero blocks.
+    A `WanToyModelConfig` gives the Wan transformer (`create_wan_transformer`; any size)."""
+    if isinstance(cfg, WanToyModelConfig):
+        return create_wan_transformer(cfg, seed)
     model = CogVideoXTransformer(transformer_config(cfg, size, frames), rngs=nnx.Rngs(seed))
     if cfg.adaln_zero_init:
         for mod in (model.blocks.norm1.linear, model.blocks.norm2.linear, model.norm_out_linear, model.proj_out):
@@ -168,20 +294,46 @@ def save_text_encoder(model: T5Encoder, folder: Path):
     write_safetensors(folder / "model.safetensors", tensors, specs)
 
 
-def save_pipeline(folder, transformer: CogVideoXTransformer, text_encoder: T5Encoder, tokenizer, world_info: dict,
-                  *, overwrite: bool = False):
+WAN_MODEL_INDEX = {
+    "_class_name": "WanPipeline",
+    "_diffusers_version": "0.42.1",
+    "boundary_ratio": None,
+    "expand_timesteps": False,
+    "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+    "text_encoder": ["transformers", "T5EncoderModel"],
+    "tokenizer": ["transformers", "T5Tokenizer"],
+    "transformer": ["diffusers", "WanTransformer3DModel"],
+    "transformer_2": [None, None],
+    "vae": [None, None],
+}
+
+
+def save_pipeline(folder, transformer, text_encoder: T5Encoder, tokenizer, world_info: dict,
+                  *, overwrite: bool = False, model_cfg=None):
     """Writes the diffusers pipeline folder layout (plus `toy_world.json`) into `folder` (`overwrite`:
-    replace an earlier toy pipeline written by this project, nothing else)."""
+    replace an earlier toy pipeline written by this project, nothing else). A Wan transformer
+    (`model_cfg` its `WanToyModelConfig`) gives a `WanPipeline` folder: UniPC with the config's
+    flow_shift, `max_text_seq_length` in transformer/config.json; checked to be read back by the
+    Wan family at that text length."""
     from unlearn_jax.atomic import atomic_dir
     from unlearn_jax.loading import save_transformer
 
+    wan = isinstance(model_cfg, WanToyModelConfig)
+    if not wan and not isinstance(transformer, CogVideoXTransformer):
+        raise TypeError("save_pipeline: a Wan toy transformer needs model_cfg=WanToyModelConfig(...)")
     with atomic_dir(folder, overwrite, flag="--overwrite") as tmp:
         save_transformer(transformer, tmp / "transformer")
+        if wan:
+            path = tmp / "transformer" / "config.json"
+            config = json.loads(path.read_text())
+            config["max_text_seq_length"] = int(model_cfg.max_text_seq_length)
+            path.write_text(json.dumps(config, indent=2) + "\n")
         save_text_encoder(text_encoder, tmp / "text_encoder")
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2) + "\n")
-        (tmp / "model_index.json").write_text(json.dumps({
+        scheduler = wan_scheduler_config(model_cfg.flow_shift) if wan else SCHEDULER_CONFIG
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+        index = WAN_MODEL_INDEX if wan else {
             "_class_name": "CogVideoXPipeline",
             "_diffusers_version": "0.32.0",
             "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
@@ -189,9 +341,24 @@ def save_pipeline(folder, transformer: CogVideoXTransformer, text_encoder: T5Enc
             "tokenizer": ["transformers", "T5Tokenizer"],
             "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
             "vae": [None, None],
-        }, indent=2) + "\n")
+        }
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "toy_world.json").write_text(json.dumps(world_info, indent=2) + "\n")
+        if wan:
+            check_text_length(tmp, model_cfg.max_text_seq_length)
     return Path(folder)
+
+
+def check_text_length(folder, trained: int):
+    """Refuses a Wan toy folder whose family text side encodes at another length than the model was
+    trained at (the zero padding is part of what a Wan transformer reads)."""
+    from unlearn_jax import families
+    from unlearn_jax.errors import UnlearnError
+
+    used = families.of_folder(folder).text(Path(folder)).max_length
+    if used != trained:
+        raise UnlearnError(f"the Wan toy was trained with {trained} text positions but the Wan family encodes its "
+                           f"prompts at {used}; train with max_text_seq_length {used}")
 
 
 def read_world_info(folder) -> dict:
@@ -199,5 +366,7 @@ def read_world_info(folder) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["SCHEDULER_CONFIG", "ToyModelConfig", "build_text_encoder", "build_tokenizer", "create_transformer",
-           "read_world_info", "save_pipeline", "save_text_encoder", "text_encoder_config", "transformer_config"]
+__all__ = ["ARCHS", "SCHEDULER_CONFIG", "ToyModelConfig", "WAN_MODEL_INDEX", "WanToyModelConfig", "build_text_encoder",
+           "build_tokenizer", "check_text_length", "create_transformer", "create_wan_transformer", "model_config",
+           "read_world_info", "save_pipeline", "save_text_encoder", "text_encoder_config", "transformer_config",
+           "wan_scheduler_config", "wan_transformer_config"]
