@@ -1,4 +1,5 @@
-"""A tiny CogVideoX pipeline folder for erasure runs: tokenizer + T5 (tests/helpers_text.py) + transformer."""
+"""A tiny CogVideoX pipeline folder for erasure runs: tokenizer + T5 (tests/helpers_text.py) + transformer;
+and a toy-world erase config cut short, judged on red and green (`short_toy_erasure`)."""
 from __future__ import annotations
 
 import json
@@ -41,3 +42,23 @@ def tiny_erase_config(pipeline, workdir, **overrides):
     for k, v in overrides.items():
         apply_override(c, f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}")
     return c
+
+
+def short_toy_erasure(config_file, workdir, steps: int, n: int = 8) -> dict:
+    """A toy-world erase config cut to `steps` steps (erasers only, no built-in evaluation), then the
+    base-vs-erased comparison on red and green (n prompts per split), printed and returned."""
+    from unlearn_jax.config import load_config
+    from unlearn_jax.erase import run_erase
+    from unlearn_jax.toy import evaluate as E
+
+    c = load_config(config_file)
+    c.workdir = str(workdir)
+    c.train.num_steps = steps
+    c.train.checkpoint_every = 1000
+    c.export.formats = ["erasers"]
+    c.evaluate.toy_world = False
+    assert run_erase(c, progress=False)["status"] == "completed"
+    out = E.evaluate_erasure(c.model.path, Path(workdir) / "export" / "erasers", E.EvalConfig(n=n), ["colour:red"],
+                             concept_list=[("colour", "red"), ("colour", "green")])
+    print(E.format_comparison(out["comparison"]))
+    return out["comparison"]

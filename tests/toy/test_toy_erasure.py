@@ -1,12 +1,9 @@
 """Erasure that can be seen: a short run on the bundled toy-world model removes red and keeps green.
 
 The full-size run (configs/toy_world/erase_red.py, 150 steps, every concept evaluated) and its
-ablations are in the README; this is the same config cut short, judged on two concepts.
+ablations are in the README; this is the same config (its 150 steps) judged on two concepts.
 """
 from __future__ import annotations
-
-import dataclasses
-from pathlib import Path
 
 import pytest
 
@@ -47,28 +44,18 @@ def test_eval_prompts_avoid_erased_concepts():
     assert sum(it["concept"] == "colour:red" for it in items) == 2 * cfg.n
 
 
-def test_short_erasure_removes_red_and_keeps_green(tmp_path):
-    from unlearn_jax.erase import run_erase
+def test_erasure_removes_red_and_keeps_green(tmp_path):
+    from helpers_erase import short_toy_erasure
 
-    c = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
-    c.workdir = str(tmp_path / "run")
-    c.train.num_steps = 50
-    c.train.checkpoint_every = 1000
-    c.export.formats = ["erasers"]
-    c.evaluate.toy_world = False
-    summary = run_erase(c, progress=False)
-    assert summary["status"] == "completed"
-
-    cfg = E.EvalConfig(n=8)
-    out = E.evaluate_erasure(c.model.path, tmp_path / "run" / "export" / "erasers", cfg, ["colour:red"],
-                             concept_list=[("colour", "red"), ("colour", "green")])
-    cmp = out["comparison"]
-    print(E.format_comparison(cmp))
+    # the config's own 150 steps: cut to 50, most of red's videos are broken (half-way), not yet blue
+    cmp = short_toy_erasure(ROOT / "configs" / "toy_world" / "erase_red.py", tmp_path / "run", steps=150)
     red, green = cmp["rates"]["colour:red"], cmp["rates"]["colour:green"]
     for split in ("train", "heldout"):
         assert red[split]["base"] >= 0.75
-        assert red[split]["erased"] <= red[split]["base"] - 0.5, (split, red)
+        # erased, not broken: a broken video counts as not erased
+        assert red[split]["still"] <= red[split]["base"] - 0.5, (split, red)
         assert green[split]["erased"] >= green[split]["base"] - 0.25, (split, green)
+        assert green[split]["broken_erased"] <= green[split]["broken_base"] + 0.15, (split, green)
 
 
 def test_aliases_mark_synonym_tokens_as_the_concepts(tmp_path):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from unlearn_jax import families
-from unlearn_jax.config import load_config
 from unlearn_jax.toy import evaluate as E
 from unlearn_jax.toy import model as M
 from unlearn_jax.toy import train as T
@@ -96,22 +95,9 @@ def test_short_erasure_of_the_wan_toy_acts_on_red_and_keeps_green(tmp_path):
     Wan toy's red videos break instead (noisy patches, about half of them invalid after 150 steps;
     README, The Wan toy), and a broken video is not an erased one: `still` (rate + broken) stays up.
     """
-    from unlearn_jax.erase import run_erase
+    from helpers_erase import short_toy_erasure
 
-    c = load_config(ROOT / "configs" / "toy_world" / "wan" / "erase_red.py")
-    c.workdir = str(tmp_path / "run")
-    c.train.num_steps = 40
-    c.train.checkpoint_every = 1000
-    c.export.formats = ["erasers"]
-    c.evaluate.toy_world = False
-    summary = run_erase(c, progress=False)
-    assert summary["status"] == "completed"
-
-    cfg = E.EvalConfig(n=8)
-    out = E.evaluate_erasure(c.model.path, tmp_path / "run" / "export" / "erasers", cfg, ["colour:red"],
-                             concept_list=[("colour", "red"), ("colour", "green")])
-    cmp = out["comparison"]
-    print(E.format_comparison(cmp))
+    cmp = short_toy_erasure(ROOT / "configs" / "toy_world" / "wan" / "erase_red.py", tmp_path / "run", steps=40)
     red, green = cmp["rates"]["colour:red"], cmp["rates"]["colour:green"]
     for split in ("train", "heldout"):
         assert red[split]["base"] >= 0.75
