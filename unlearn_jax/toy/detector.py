@@ -31,7 +31,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from unlearn_jax.toy.world import ATTRIBUTES, PALETTE
+from unlearn_jax.toy.world import ATTRIBUTES, PALETTE, WorldConfig
 
 NONE = "none"
 
@@ -140,11 +140,8 @@ def classify(feat: Mapping, cfg: DetectorConfig = DetectorConfig()) -> dict:
     return {"colour": colour, "shape": shape, "motion": motion}
 
 
-WORLD_BACKGROUND = (0.08, 0.08, 0.10)  # WorldConfig.background
-
-
 def validity(video: np.ndarray, cfg: DetectorConfig = DetectorConfig(), feat: Mapping | None = None,
-             background=WORLD_BACKGROUND) -> str | None:
+             background=WorldConfig.background) -> str | None:
     """None for a valid toy video, else why it is broken (one short phrase): "background", "flooded",
     "no object", "objects", "colour" (see the module docstring)."""
     v = np.asarray(video, np.float32)
@@ -202,5 +199,5 @@ def degrade(video: np.ndarray, rng: np.random.Generator, noise: float = 0.05, bl
     return np.clip(v, 0.0, 1.0)
 
 
-__all__ = ["DetectorConfig", "NONE", "WORLD_BACKGROUND", "accuracy", "check", "classify", "degrade", "detect",
+__all__ = ["DetectorConfig", "NONE", "accuracy", "check", "classify", "degrade", "detect",
            "detect_batch", "features", "validity"]

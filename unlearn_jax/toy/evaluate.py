@@ -22,6 +22,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -205,11 +206,8 @@ def summarize(items: Sequence[dict], detections: Sequence[dict], splits: Sequenc
             counts.setdefault(name, {})[split] = n
             joint.setdefault(name, {})[split] = sum(v and all(d[a] == it["attributes"][a] for a in ATTRIBUTES)
                                                     for v, (it, d) in zip(ok, sel)) / n
-            seen = {}
-            for v, (_, d) in zip(ok, sel):
-                key = d[attr] if v else "broken"
-                seen[key] = seen.get(key, 0) + 1
-            turns.setdefault(name, {})[split] = {key: c / n for key, c in sorted(seen.items(), key=lambda x: -x[1])}
+            seen = Counter(d[attr] if v else "broken" for v, (_, d) in zip(ok, sel))
+            turns.setdefault(name, {})[split] = {key: c / n for key, c in seen.most_common()}
             kept.setdefault(name, {})[split] = {a: sum(v and d[a] == it["attributes"][a] for v, (it, d) in zip(ok, sel)) / n
                                                 for a in ATTRIBUTES if a != attr}
     mean = {s: float(np.mean([r[s] for r in rates.values() if s in r])) for s in splits}
