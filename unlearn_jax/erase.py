@@ -73,14 +73,17 @@ def latent_shape(cfg, pipeline: Path, model) -> tuple[int, ...]:
     return shape.latent_shape
 
 
-def scheduler_config(cfg, pipeline: Path):
-    """The x_t sampler's scheduler: the pipeline's scheduler config run as `config.sampler.kind`."""
+def scheduler_config(cfg, pipeline: Path, family=None):
+    """The x_t sampler's scheduler: the pipeline's scheduler config run as `config.sampler.kind`, set
+    up as the family's pipeline sets it."""
     from unlearn_jax.schedulers import SchedulerConfig
 
     path = pipeline / "scheduler" / "scheduler_config.json"
     if path.exists():
-        return SchedulerConfig.from_diffusers(path, kind=cfg.sampler.kind)
-    return SchedulerConfig().replace(kind=cfg.sampler.kind)
+        sched = SchedulerConfig.from_diffusers(path, kind=cfg.sampler.kind)
+    else:
+        sched = SchedulerConfig().replace(kind=cfg.sampler.kind)
+    return sched if family is None else family.scheduler_config(sched)
 
 
 class Run:
@@ -120,7 +123,7 @@ class Run:
         from unlearn_jax import families
         from unlearn_jax.atomic import safe_child
         from unlearn_jax.erase_data import build_erase_data, concept_specs
-        from unlearn_jax.erasers import EraserConfig, eraser_axes, init_erasers
+        from unlearn_jax.erasers import LORA_TARGETS, EraserConfig, eraser_axes, init_erasers
         from unlearn_jax.loading import load_transformer, resolve_transformer_dir
         from unlearn_jax.parallel import DEFAULT_RULES, make_mesh, named_sharding
         from unlearn_jax.schedulers import make_schedule
@@ -151,7 +154,10 @@ class Run:
                                      max_concept_tokens=cfg.prompts.max_concept_tokens,
                                      token_fallback=cfg.prompts.token_fallback, cache_dir=cache,
                                      text_dtype=cfg.model.text_dtype, seed=cfg.seed)
-        self.eraser = EraserConfig(cfg.eraser.kind, rank=cfg.eraser.rank, scale=cfg.eraser.scale)
+        # LoRA on every projection the family's eraser attention has (HunyuanVideo's single-stream one has no to_out)
+        site = families.of_model(self.model).eraser_site(self.model.config)
+        self.eraser = EraserConfig(cfg.eraser.kind, rank=cfg.eraser.rank, scale=cfg.eraser.scale,
+                                   lora_targets=tuple(t for t in LORA_TARGETS if t in site.lora_targets))
         self.settings = StepSettings(
             num_sampler_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
             timestep_mode=cfg.sampler.timestep_mode, xt_source=cfg.sampler.xt_source,
@@ -160,7 +166,8 @@ class Run:
             mask_key_chunk=cfg.erase.mask_key_chunk, grad_clip=cfg.train.grad_clip)
         if cfg.sampler.kind is None:  # resolved here, so config.json records the sampler the run used
             cfg.sampler.kind = families.of_model(self.model).training_sampler(self.model.config)
-        self.schedule = make_schedule(scheduler_config(cfg, self.pipeline), cfg.sampler.num_steps)
+        self.schedule = make_schedule(scheduler_config(cfg, self.pipeline, families.of_model(self.model)),
+                                      cfg.sampler.num_steps)
         self.optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.adam_b1, cfg.train.adam_b2,
                                         cfg.train.adam_eps, cfg.train.weight_decay, cfg.train.grad_clip)
         self.step_fn = ErasureStep(self.model, self.eraser, self.schedule, self.settings, self.optimizer,
@@ -232,11 +239,13 @@ class Run:
         n = self.cfg.sampler.bank_size
         step = self.step_fn
 
+        g, family = self.settings.guidance_scale, step.family
+
         @jax.jit
         def traj(base, noise, ctx, uncond, key):
             vel = lambda x, t, c: step.velocity(base, None, x, c, t)[0]  # noqa: E731
-            return sample_trajectory(vel, self.schedule, noise, ctx, uncond,
-                                     guidance_scale=self.settings.guidance_scale, key=key)
+            return sample_trajectory(vel, self.schedule, noise, family.with_guidance(ctx, g),
+                                     family.with_guidance(uncond, g), guidance_scale=family.cfg_scale(g), key=key)
 
         rng = np.random.default_rng([self.cfg.seed, 0xBA2C])
         xs, xps, rows_all, pre_all = [], [], [], []

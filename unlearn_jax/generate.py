@@ -269,7 +269,7 @@ class SamplingPlan:
             erasers = Path(erasers)
             if not erasers.is_dir():
                 raise UnlearnError(f"{erasers}: no such eraser folder")
-        scheduler = SchedulerConfig.from_diffusers(folder.scheduler_config, kind=sampler)
+        scheduler = family.scheduler_config(SchedulerConfig.from_diffusers(folder.scheduler_config, kind=sampler))
         return cls(folder, erasers, sampler, scheduler, num_steps, guidance_scale, bool(use_dynamic_cfg), shape,
                    dtype, noise, vae_tiling, batch_size)
 
@@ -333,7 +333,7 @@ class VideoGenerator:
         self.vae_tiling = True if vae_tiling is None else vae_tiling
         self.batch_size, self.mesh, self.progress = _int("batch_size", batch_size), mesh, progress
         self.schedule = make_schedule(scheduler, self.num_steps)
-        self.cfg = uses_cfg(self.guidance_scale)
+        self.cfg = uses_cfg(self.family.cfg_scale(self.guidance_scale))
         self._encoder_cache = encoder_cache
         self._neg_cache: dict[str, np.ndarray] = {}
         self._warned_tiling = False
@@ -392,8 +392,9 @@ class VideoGenerator:
 
     # ---- the jitted sampler ------------------------------------------------------------------
     def _make_run(self):
-        graphdef, schedule = self._graphdef, self.schedule
-        num_steps, g, dyn, dtype = self.num_steps, self.guidance_scale, self.use_dynamic_cfg, jnp.dtype(self.dtype)
+        graphdef, schedule, family, guidance = self._graphdef, self.schedule, self.family, self.guidance_scale
+        num_steps, dyn, dtype = self.num_steps, self.use_dynamic_cfg, jnp.dtype(self.dtype)
+        g = family.cfg_scale(guidance)  # embedding-guided families: one pass, the scale in the conditioning
         latent_dtype = jnp.dtype(self.family.noise_dtype(self.dtype))  # the pipeline's latents between steps
         item_shape = self.shape.noise_shape[1:]
         needs_noise = schedule.needs_noise
@@ -406,6 +407,8 @@ class VideoGenerator:
                 step_noise = jax.vmap(lambda i: jax.vmap(lambda k: jax.random.normal(
                     jax.random.fold_in(k, i + 1), item_shape, jnp.float32))(keys))(jnp.arange(num_steps))
             model = nnx.merge(graphdef, state)
+            ctx = family.with_guidance(ctx, guidance)
+            uncond = None if uncond is None else family.with_guidance(uncond, guidance)
             out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(latent_dtype),
                          _cast(ctx, dtype),
                          None if uncond is None else _cast(uncond, dtype), num_steps=num_steps, guidance_scale=g,

@@ -39,6 +39,7 @@ import numpy as np
 from unlearn_jax.errors import UnlearnError
 
 KINDS = ("ddim", "dpm", "flow_euler", "unipc")
+FLOW_SIGMA_SOURCES = ("scheduler", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -136,6 +137,9 @@ class SchedulerConfig:
     # flow-matching fields
     shift: float = 1.0
     stochastic_sampling: bool = False
+    # How the pipeline calls `set_timesteps` (not a diffusers config key): "scheduler" = with the step
+    # count only (WanPipeline); "linspace" = with `sigmas=linspace(1, 0, N + 1)[:-1]` (HunyuanVideoPipeline).
+    flow_sigmas: str = "scheduler"
     # UniPC fields (UniPCMultistepScheduler's defaults; `prediction_type` is shared above)
     solver_order: int = 2
     predict_x0: bool = True
@@ -162,6 +166,8 @@ class SchedulerConfig:
         if self.kind == "flow_euler":
             if not _is_number(self.shift) or not self.shift > 0:
                 raise _bad("shift", self.shift, "a number > 0")
+            if self.flow_sigmas not in FLOW_SIGMA_SOURCES:
+                raise _bad("flow_sigmas", self.flow_sigmas, _one_of(FLOW_SIGMA_SOURCES))
             return
         if self.kind == "unipc":
             self._validate_unipc()
@@ -361,6 +367,11 @@ def flow_sigmas(cfg: SchedulerConfig, num_steps: int) -> np.ndarray:
     T = cfg.num_train_timesteps
     _check_num_steps(num_steps, T)
     shift = cfg.shift
+    if cfg.flow_sigmas == "linspace":
+        # the pipeline's sigmas (float32), shifted in float32 as set_timesteps(sigmas=...) does
+        s = np.linspace(1.0, 0.0, num_steps + 1)[:-1].astype(np.float32)
+        s = np.float32(shift) * s / (np.float32(1.0) + np.float32(shift - 1.0) * s)
+        return np.concatenate([s.astype(np.float32), np.zeros(1, np.float32)])
     # the training table (float32) only provides the end points ...
     train = np.linspace(1, T, T, dtype=np.float32)[::-1].copy() / np.float32(T)
     train = (shift * train) / (1 + (shift - 1) * train)

@@ -106,7 +106,7 @@ class ErasureStep:
             return self.velocity(base, phi, x, c, t)[0]
 
         out = sample(vel, self.schedule, noise, ctx, uncond, num_steps=self.s.num_sampler_steps,
-                     guidance_scale=self.s.guidance_scale, stop_after=j, key=key)
+                     guidance_scale=self.family.cfg_scale(self.s.guidance_scale), stop_after=j, key=key)
         return jax.lax.stop_gradient(out.latents), out.timestep
 
     # ---- one step ----------------------------------------------------------------------------
@@ -114,7 +114,8 @@ class ErasureStep:
         s = self.s
         key = jax.random.wrap_key_data(state.rng)
         key, k_noise, k_pre, k_sample, k_t = jax.random.split(key, 5)
-        ctx, uncond = batch["ctx"], batch["uncond"]
+        # embedding-guided families: every pass (sampling, frozen, trained) at the sampler's guidance
+        ctx, uncond = (self.family.with_guidance(batch[k], s.guidance_scale) for k in ("ctx", "uncond"))
         b = leading_size(ctx)
         phi_now = jax.lax.stop_gradient(state.phi)
         j = batch["j"]
@@ -147,7 +148,7 @@ class ErasureStep:
 
         use_pre = s.beta_pre != 0
         if use_pre:
-            pre_ctx = batch["pre_ctx"]
+            pre_ctx = self.family.with_guidance(batch["pre_ctx"], s.guidance_scale)
             if s.xt_source == "current":
                 noise_pre = jax.random.normal(k_pre, (b, *self.latent_shape), jnp.float32)
                 x_pre, _ = self.sample_xt(base, None, noise_pre, pre_ctx, uncond, j, jax.random.fold_in(k_sample, 1))

@@ -214,6 +214,21 @@ def test_flow_euler_matches_diffusers(shift, n, T, stochastic):
     assert f._cache_size() == 1
 
 
+@pytest.mark.parametrize("shift,n", [(7.0, 50), (7.0, 13), (1.0, 9), (5.0, 30)])
+def test_flow_euler_linspace_sigmas_match_hunyuan_pipeline(shift, n):
+    """`flow_sigmas="linspace"`: the schedule HunyuanVideoPipeline sets with
+    `set_timesteps(sigmas=np.linspace(1.0, 0.0, n + 1)[:-1])`, bit for bit."""
+    d = {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": shift, "num_train_timesteps": 1000}
+    ours = SchedulerConfig.from_diffusers(d).replace(flow_sigmas="linspace")
+    ref = FlowMatchEulerDiscreteScheduler.from_config(d)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 0.0, n + 1)[:-1])
+    sched = make_schedule(ours, n)
+    np.testing.assert_array_equal(sched.timesteps, ref.timesteps.numpy())
+    np.testing.assert_array_equal(sched.sigmas, ref.sigmas.numpy())
+    with pytest.raises(UnlearnError, match="flow_sigmas"):
+        ours.replace(flow_sigmas="karras")
+
+
 # ---------------------------------------------------------------------------------------------
 # Config reading and errors
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,23 @@ class Family:
         """The scheduler kind that samples x_t during erasure when the config names none."""
         return self.sampler_defaults(model_cfg).sampler
 
+    def scheduler_config(self, config):
+        """The `schedulers.SchedulerConfig` as the family's pipeline sets its scheduler up (read from the
+        folder's scheduler config; HunyuanVideo passes its own sigmas). Unchanged by default."""
+        return config
+
+    # ---- guidance ----------------------------------------------------------------------------
+    def with_guidance(self, cond, guidance_scale):
+        """The conditioning of a pass at `guidance_scale`. Unchanged where guidance is a batched
+        [uncond; cond] pass ("cfg"); a family whose model takes the guidance as an embedding writes
+        the scale into its conditioning (works on numpy and traced arrays)."""
+        return cond
+
+    def cfg_scale(self, guidance_scale):
+        """The classifier-free scale the sampler batches [uncond; cond] passes with: the guidance scale
+        for "cfg" families; 1 (one conditional pass) where the guidance is an embedding."""
+        return guidance_scale if self.guidance == "cfg" else 1.0
+
     # ---- messages ----------------------------------------------------------------------------
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.transformer_class}>"

@@ -62,14 +62,18 @@ ATTENTION_IMPLS = ("reference", "chunked", "xla", "cudnn", "auto")
 ATTENTION_CHUNK = 1024  # default query block of the "chunked" path
 
 
-def _reference_attention(q, k, v):
+def _reference_attention(q, k, v, key_mask=None):
     scale = q.shape[-1] ** -0.5
     logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        # the most negative finite logit (as jax.nn.dot_product_attention masks): a masked key gets
+        # exactly zero weight, and a row without any key stays finite
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnqk,bknh->bqnh", probs, v)
 
 
-def _chunked_attention(q, k, v, chunk: int):
+def _chunked_attention(q, k, v, chunk: int, key_mask=None):
     """The reference path over query blocks of `chunk` (the last one zero-padded), one block at a time.
 
     Each block is the reference computation on its own rows, so the result equals the reference to
@@ -80,13 +84,15 @@ def _chunked_attention(q, k, v, chunk: int):
     pad = (-t) % chunk
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else q
     qc = qp.reshape(b, -1, chunk, n, h).swapaxes(0, 1)  # (C, B, chunk, N, H)
-    block = jax.checkpoint(lambda qq: _reference_attention(qq, k, v), prevent_cse=False)
+    block = jax.checkpoint(lambda qq: _reference_attention(qq, k, v, key_mask), prevent_cse=False)
     out = jax.lax.map(block, qc)  # (C, B, chunk, N, H)
     return out.swapaxes(0, 1).reshape(b, -1, n, v.shape[-1])[:, :t]
 
 
-def attention(q, k, v, impl: str = "xla", chunk: int | None = None):
-    """Softmax attention over (B, T, N, H) arrays, no mask; `impl` picks the kernel.
+def attention(q, k, v, impl: str = "xla", chunk: int | None = None, key_mask=None):
+    """Softmax attention over (B, T, N, H) arrays; `impl` picks the kernel.
+
+    key_mask: optional (B, S) bool, the keys every query attends to (None: all of them).
 
     "reference" is the plain einsum-softmax path (fp32 softmax); "chunked" is the same computation
     over query blocks of `chunk` rows (default ATTENTION_CHUNK), a memory-bounded pure-XLA path for
@@ -96,13 +102,21 @@ def attention(q, k, v, impl: str = "xla", chunk: int | None = None):
     """
     if impl == "auto" and jax.default_backend() == "cpu":
         impl = "reference"
+    if key_mask is not None:
+        key_mask = jnp.asarray(key_mask, bool)
     if impl == "reference":
-        return _reference_attention(q, k, v)
+        return _reference_attention(q, k, v, key_mask)
     if impl == "chunked":
-        return _chunked_attention(q, k, v, ATTENTION_CHUNK if chunk is None else chunk)
+        return _chunked_attention(q, k, v, ATTENTION_CHUNK if chunk is None else chunk, key_mask)
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention implementation {impl!r} is not one of {ATTENTION_IMPLS}")
-    return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "auto" else impl)
+    mask = None
+    if key_mask is not None:
+        # (B, 1, 1, S): every head and query; cuDNN takes the mask as a bias of the full (T, S) extent
+        mask = key_mask[:, None, None, :]
+        if impl == "cudnn":
+            mask = jnp.broadcast_to(mask, (q.shape[0], 1, q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=None if impl == "auto" else impl)
 
 
 REMAT_POLICIES = {
