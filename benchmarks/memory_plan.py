@@ -1,6 +1,6 @@
 """Per-device memory of a full-size erasure train step on an 8-device mesh, without a GPU: CogVideoX-5B
 at 49x480x720 (`--model cogvideox_5b`, the default), Wan 2.1-14B at 81x480x832 (`wan21_14b`), Wan 2.2
-TI2V-5B at 121x704x1280 (`wan22_5b`); each model's video size is its default (`--frames/--height/--width`).
+TI2V-5B at 121x704x1280 (`wan22_5b`), HunyuanVideo 13B at 61x544x960 (`hunyuan_video`); each model's video size is its default (`--frames/--height/--width`).
 
 The step (`train.ErasureStep`: x_t sampled with the current erased model by the 50-step DDIM CFG loop,
 the frozen passes with the localization masks, the preservation pass, the gradient and the Adam
@@ -80,6 +80,9 @@ MODELS = {
                        81, 480, 832, 512),
     "wan22_5b": Model("wan", "wan2.2_ti2v_5b_transformer.json", "wan22_vae.json", "wan22_ti2v_5b_scheduler.json",
                       "unipc", 121, 704, 1280, 512),
+    # the size configs/hunyuan_video_nudity.py trains at (the pipeline's default is 129 x 720 x 1280)
+    "hunyuan_video": Model("hunyuan_video", "hunyuan_video_transformer.json", "hunyuan_video_vae.json",
+                           "hunyuan_video_scheduler.json", "flow_euler", 61, 544, 960, 256),
 }
 
 
@@ -231,17 +234,23 @@ def analyse(case: Case, args) -> dict:
     def batched(shape, dtype):
         return _sds(shape, dtype, NamedSharding(mesh, PartitionSpec(bspec, *([None] * (len(shape) - 1)))))
 
+    def cond(n, place):
+        if spec.family != "hunyuan_video":
+            return place((n, text_len, ctx_dim), bf16)
+        return {"text": place((n, text_len, ctx_dim), bf16), "mask": place((n, text_len), jnp.int32),
+                "pooled": place((n, cfg.pooled_projection_dim), bf16), "guidance": place((n,), jnp.float32)}
+
     batch = dict(
-        ctx=batched((b, text_len, ctx_dim), bf16), pre_ctx=batched((b, text_len, ctx_dim), bf16),
-        uncond=_sds((1, text_len, ctx_dim), bf16, repl), pre_valid=batched((b,), jnp.float32),
+        ctx=cond(b, batched), pre_ctx=cond(b, batched),
+        uncond=cond(1, lambda shape, dtype: _sds(shape, dtype, repl)), pre_valid=batched((b,), jnp.float32),
         concept_idx=batched((b, kc), jnp.int32), concept_valid=batched((b, kc), jnp.bool_),
         eta=batched((b,), jnp.float32), j=_sds((), jnp.int32, repl))
 
     video = family.video_shape(cfg, _vae_config(family, CONFIG_DIR / spec.vae), args.frames or spec.frames,
                                args.height or spec.height, args.width or spec.width)
     latent_shape = video.latent_shape
-    sched_cfg = SchedulerConfig.from_diffusers(CONFIG_DIR / spec.scheduler, kind=spec.sampler)
-    settings = StepSettings(num_sampler_steps=50, guidance_scale=3.0, xt_source="current", alpha_loc=case.alpha_loc,
+    sched_cfg = family.scheduler_config(SchedulerConfig.from_diffusers(CONFIG_DIR / spec.scheduler, kind=spec.sampler))
+    settings = StepSettings(num_sampler_steps=50, guidance_scale=6.0 if family.guidance == "embedding" else 3.0, xt_source="current", alpha_loc=case.alpha_loc,
                             beta_pre=1.0, mask_key_chunk=case.mask_key_chunk, grad_clip=1.0)
     step = ErasureStep(model, ec, make_schedule(sched_cfg, 50), settings, optimizer, latent_shape)
 
@@ -260,7 +269,8 @@ def analyse(case: Case, args) -> dict:
         return total
 
     video_tokens = math.prod(family.token_grid(model, latent_shape))
-    tokens = video_tokens + (text_len if spec.family == "cogvideox" else 0)  # the self-attention's sequence
+    # the self-attention's sequence: [text; video] (CogVideoX), [video; text] (HunyuanVideo), video (Wan)
+    tokens = video_tokens + (text_len if spec.family in ("cogvideox", "hunyuan_video") else 0)
     arg, out, tmp = ma.argument_size_in_bytes, ma.output_size_in_bytes, ma.temp_size_in_bytes
     code, alias = ma.generated_code_size_in_bytes, ma.alias_size_in_bytes
     total = arg + out - alias + tmp + code

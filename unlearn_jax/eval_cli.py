@@ -49,6 +49,8 @@ def register(sub):
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the toy world 25)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's, 6 for "
                                                                  "CogVideoX and the toy world)")
+    s.add_argument("--true-cfg", type=float, default=None, help="HunyuanVideo: classifier-free guidance over the "
+                                                                 "embedded guidance (true_cfg_scale; default 1 = off)")
     s.add_argument("--sampler", default=None, help="the family's samplers (CogVideoX: ddim | dpm); default: the "
                                                    "pipeline's (CogVideoX: ddim for 2B, dpm for RoPE models)")
     s.add_argument("--dynamic-cfg", default=None, action=argparse.BooleanOptionalAction,
@@ -142,7 +144,8 @@ def _prompt_sets(a, model: Path) -> int:
         raise UnlearnError(f"--metrics {a.metrics}: no metric can run (see the messages above)")
     plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps,
                                 guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
-                                height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size)
+                                height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size,
+                                true_cfg_scale=a.true_cfg)
     from unlearn_jax.text_encoding import EncoderCache
 
     erased = VideoGenerator.from_plan(plan, progress=not a.no_progress, encoder_cache=EncoderCache(max_entries=1))
@@ -154,7 +157,7 @@ def _prompt_sets(a, model: Path) -> int:
             sampler=erased.sampler, num_steps=erased.num_steps, guidance_scale=erased.guidance_scale,
             use_dynamic_cfg=erased.use_dynamic_cfg, dtype=erased.dtype, noise=erased.noise,
             vae_tiling=erased.vae_tiling, batch_size=erased.batch_size, progress=not a.no_progress,
-            encoder_cache=erased.encoder_cache)
+            encoder_cache=erased.encoder_cache, true_cfg_scale=erased.true_cfg_scale)
         gens["erased"] = erased
     else:
         gens["original"] = erased

@@ -209,12 +209,26 @@ def torch_noise(seed: int, shape, dtype: str = "float32", *, initial: bool = Tru
 # Resolved settings (checked before any weight is read)
 # --------------------------------------------------------------------------------------------
 def _settings(sampler, num_steps, guidance_scale, use_dynamic_cfg, shape: VideoShape, dtype, noise, has_vae,
-              vae_tiling) -> dict:
+              vae_tiling, true_cfg_scale: float = 1.0) -> dict:
     tiling = True if vae_tiling is None else vae_tiling
-    return {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
-            "use_dynamic_cfg": bool(use_dynamic_cfg), "num_frames": shape.num_frames, "height": shape.height,
-            "width": shape.width, "dtype": dtype, "noise": noise, "vae": bool(has_vae),
-            "vae_tiling": (tiling if isinstance(tiling, bool) else dataclasses.asdict(tiling)) if has_vae else None}
+    out = {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
+           "use_dynamic_cfg": bool(use_dynamic_cfg), "num_frames": shape.num_frames, "height": shape.height,
+           "width": shape.width, "dtype": dtype, "noise": noise, "vae": bool(has_vae),
+           "vae_tiling": (tiling if isinstance(tiling, bool) else dataclasses.asdict(tiling)) if has_vae else None}
+    if true_cfg_scale != 1.0:  # only where used, so that earlier runs' settings still match
+        out["true_cfg_scale"] = float(true_cfg_scale)
+    return out
+
+
+def _true_cfg(family, true_cfg_scale) -> float:
+    """The classifier-free scale over the embedded guidance (HunyuanVideoPipeline's `true_cfg_scale`)."""
+    if true_cfg_scale is None:
+        return 1.0
+    value = _number("true_cfg_scale", true_cfg_scale)
+    if family.guidance != "embedding" and value != 1.0:
+        raise UnlearnError(f"true_cfg_scale = {value} applies to models that take the guidance as an embedding "
+                           f"(HunyuanVideo); {family.title}'s guidance_scale is already classifier-free guidance")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,13 +248,17 @@ class SamplingPlan:
     noise: str
     vae_tiling: object
     batch_size: int
+    true_cfg_scale: float = 1.0
 
     @classmethod
     def resolve(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int | None = None,
                 guidance_scale: float | None = None, use_dynamic_cfg: bool | None = None,
                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                noise: str = "jax", vae_tiling=None, batch_size: int = 1) -> "SamplingPlan":
-        """None = the family pipeline's default (sampler, steps, guidance, dynamic CFG, video size)."""
+                noise: str = "jax", vae_tiling=None, batch_size: int = 1,
+                true_cfg_scale: float | None = None) -> "SamplingPlan":
+        """None = the family pipeline's default (sampler, steps, guidance, dynamic CFG, video size).
+        true_cfg_scale: classifier-free guidance with the negative prompt over the embedded guidance of a
+        guidance-distilled model (HunyuanVideoPipeline's `true_cfg_scale`; 1 = off, its default)."""
         folder = PipelineFolder.open(path)
         family = folder.family
         dtype = _dtype_name(dtype)
@@ -259,6 +277,7 @@ class SamplingPlan:
         num_steps = _int("num_steps", defaults.num_steps if num_steps is None else num_steps)
         guidance_scale = _number("guidance_scale", defaults.guidance_scale if guidance_scale is None else guidance_scale)
         batch_size = _int("batch_size", batch_size)
+        true_cfg_scale = _true_cfg(family, true_cfg_scale)
         _check_noise(noise)
         family.check_tiling(vae_tiling)
         shape = family.video_shape(model_cfg, vae_cfg, num_frames, height, width)
@@ -271,12 +290,12 @@ class SamplingPlan:
                 raise UnlearnError(f"{erasers}: no such eraser folder")
         scheduler = family.scheduler_config(SchedulerConfig.from_diffusers(folder.scheduler_config, kind=sampler))
         return cls(folder, erasers, sampler, scheduler, num_steps, guidance_scale, bool(use_dynamic_cfg), shape,
-                   dtype, noise, vae_tiling, batch_size)
+                   dtype, noise, vae_tiling, batch_size, true_cfg_scale)
 
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
         return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
-                         self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling)
+                         self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling, self.true_cfg_scale)
 
 
 def _given_conditioning(value, what: str):
@@ -317,8 +336,10 @@ class VideoGenerator:
     def __init__(self, model, scheduler: SchedulerConfig, shape: VideoShape, *, pipeline_dir=None, vae=None,
                  sampler: str | None = None, num_steps: int = 50, guidance_scale: float = 6.0,
                  use_dynamic_cfg: bool = False, dtype: str = "float32", noise: str = "jax", vae_tiling=None,
-                 batch_size: int = 1, mesh=None, progress: bool = True, encoder_cache=None):
-        """encoder_cache: a `text_encoding.EncoderCache` to share the loaded T5 with other generators
+                 batch_size: int = 1, mesh=None, progress: bool = True, encoder_cache=None,
+                 true_cfg_scale: float = 1.0):
+        """true_cfg_scale: CFG with the negative prompt over the embedded guidance (embedding-guided
+        families, as HunyuanVideoPipeline's; 1 = off). encoder_cache: a `text_encoding.EncoderCache` to share the loaded T5 with other generators
         (e.g. an original and an erased model in one evaluation); default: this generator's own."""
         self.family = families.of_model(model)
         self.model, self.scheduler, self.shape, self.vae = model, scheduler, shape, vae
@@ -333,7 +354,8 @@ class VideoGenerator:
         self.vae_tiling = True if vae_tiling is None else vae_tiling
         self.batch_size, self.mesh, self.progress = _int("batch_size", batch_size), mesh, progress
         self.schedule = make_schedule(scheduler, self.num_steps)
-        self.cfg = uses_cfg(self.family.cfg_scale(self.guidance_scale))
+        self.true_cfg_scale = _true_cfg(self.family, true_cfg_scale)
+        self.cfg = uses_cfg(self.family.cfg_scale(self.guidance_scale, self.true_cfg_scale))
         self._encoder_cache = encoder_cache
         self._neg_cache: dict[str, np.ndarray] = {}
         self._warned_tiling = False
@@ -347,7 +369,8 @@ class VideoGenerator:
                       num_steps: int | None = None, guidance_scale: float | None = None,
                       use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, noise: str = "jax", vae_tiling=None,
-                      batch_size: int = 1, mesh=None, progress: bool = True, **runtime) -> "VideoGenerator":
+                      batch_size: int = 1, mesh=None, progress: bool = True, true_cfg_scale: float | None = None,
+                      **runtime) -> "VideoGenerator":
         """Reads a diffusers pipeline folder of any supported family (CogVideoX: transformer/, scheduler/,
         tokenizer/, text_encoder/ and vae/, which may be absent for pixel-space models).
 
@@ -367,7 +390,7 @@ class VideoGenerator:
         plan = SamplingPlan.resolve(path, erasers=erasers, dtype=dtype, sampler=sampler, num_steps=num_steps,
                                     guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
                                     num_frames=num_frames, height=height, width=width, noise=noise,
-                                    vae_tiling=vae_tiling, batch_size=batch_size)
+                                    vae_tiling=vae_tiling, batch_size=batch_size, true_cfg_scale=true_cfg_scale)
         return cls.from_plan(plan, mesh=mesh, progress=progress, **runtime)
 
     @classmethod
@@ -383,18 +406,19 @@ class VideoGenerator:
         return cls(model, plan.scheduler, plan.shape, pipeline_dir=plan.folder.root, vae=vae, sampler=plan.sampler,
                    num_steps=plan.num_steps, guidance_scale=plan.guidance_scale, use_dynamic_cfg=plan.use_dynamic_cfg,
                    dtype=plan.dtype, noise=plan.noise, vae_tiling=plan.vae_tiling, batch_size=plan.batch_size,
-                   mesh=mesh, progress=progress, encoder_cache=encoder_cache)
+                   mesh=mesh, progress=progress, encoder_cache=encoder_cache, true_cfg_scale=plan.true_cfg_scale)
 
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
         return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
-                         self.dtype, self.noise, self.vae is not None, self.vae_tiling)
+                         self.dtype, self.noise, self.vae is not None, self.vae_tiling, self.true_cfg_scale)
 
     # ---- the jitted sampler ------------------------------------------------------------------
     def _make_run(self):
         graphdef, schedule, family, guidance = self._graphdef, self.schedule, self.family, self.guidance_scale
         num_steps, dyn, dtype = self.num_steps, self.use_dynamic_cfg, jnp.dtype(self.dtype)
-        g = family.cfg_scale(guidance)  # embedding-guided families: one pass, the scale in the conditioning
+        # embedding-guided families: the scale in the conditioning, one pass (or true CFG over it)
+        g = family.cfg_scale(guidance, self.true_cfg_scale)
         latent_dtype = jnp.dtype(self.family.noise_dtype(self.dtype))  # the pipeline's latents between steps
         item_shape = self.shape.noise_shape[1:]
         needs_noise = schedule.needs_noise

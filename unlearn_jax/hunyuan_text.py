@@ -16,7 +16,6 @@ transformer sees (after the crop).
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import os
 from pathlib import Path
@@ -107,39 +106,6 @@ class LoadedEncoders:
         return np.asarray(jax.device_get(self._clip(self.clip_state, ids)), np.float32)
 
 
-class EncoderCache:
-    """Loaded encoders by (folder, dtype, mesh, files), least recently used dropped past `max_entries`."""
-
-    def __init__(self, max_entries: int = 1):
-        self.max_entries = max_entries
-        self._entries: collections.OrderedDict[tuple, LoadedEncoders] = collections.OrderedDict()
-
-    def get(self, root: Path, dtype=None, mesh=None) -> LoadedEncoders:
-        from unlearn_jax.text_encoding import _dtype, _folder_signature
-
-        sig = _folder_signature(root / "text_encoder", root / "tokenizer") + \
-            _folder_signature(root / "text_encoder_2", root / "tokenizer_2")
-        key = (str(root.resolve()), _dtype(dtype).name, mesh, sig)
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        for k in [k for k in self._entries if k[:3] == key[:3]]:
-            del self._entries[k]
-        while len(self._entries) >= self.max_entries:
-            self._entries.popitem(last=False)
-        self._entries[key] = LoadedEncoders(root, dtype=dtype, mesh=mesh)
-        return self._entries[key]
-
-    def clear(self):
-        self._entries.clear()
-
-    def __len__(self):
-        return len(self._entries)
-
-
-DEFAULT_CACHE = EncoderCache(max_entries=1)
-
-
 def _check_prompts(prompts) -> list[str]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
@@ -192,8 +158,7 @@ class HunyuanText(TextSide):
             raise UnlearnError(f"crop_start = {crop_start!r} is invalid; expected an integer >= 0")
         self.template, self.crop_start = template, crop_start
         self.max_length = positive_int("max_length", max_length)
-        # Hunyuan's own cache type: an `EncoderCache` of text_encoding (T5) is not shared with it.
-        self.cache = cache if isinstance(cache, EncoderCache) else DEFAULT_CACHE
+        self.cache = cache  # a `text_encoding.EncoderCache` (None: the module-level one)
         self._tokenizers = None
 
     # ---- tokenization ----------------------------------------------------------------------
@@ -220,7 +185,11 @@ class HunyuanText(TextSide):
         prompts = _check_prompts(prompts)
         if batch_size < 1:
             raise UnlearnError(f"batch_size must be >= 1, got {batch_size}")
-        enc = self.cache.get(self.pipeline_dir, dtype=dtype, mesh=mesh)
+        from unlearn_jax.text_encoding import DEFAULT_CACHE
+
+        enc = (DEFAULT_CACHE if self.cache is None else self.cache).get(
+            self.pipeline_dir, dtype=dtype, mesh=mesh, loader=LoadedEncoders,
+            parts=(("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")))
         n, c = len(prompts), self.crop_start
         if not n:
             return {"text": np.zeros((0, self.max_length, enc.dim), np.float32),

@@ -137,7 +137,7 @@ def _plan(a):
         guidance_scale=_float("--guidance", a.guidance), use_dynamic_cfg=a.dynamic_cfg,
         num_frames=_pos_int("--num-frames", a.num_frames), height=_pos_int("--height", a.height),
         width=_pos_int("--width", a.width), noise=a.noise, vae_tiling=a.vae_tiling,
-        batch_size=_pos_int("--batch-size", a.batch_size))
+        batch_size=_pos_int("--batch-size", a.batch_size), true_cfg_scale=_float("--true-cfg", a.true_cfg))
 
 
 def _run_settings(a, plan) -> dict:
@@ -169,7 +169,11 @@ def register(sub):
                                                 "unless the CSV has a seed or evaluation_seed column (default 42)")
     p.add_argument("--negative-prompt", default="", help="the unconditional prompt of guidance (default: empty)")
     p.add_argument("--steps", default=None, help="denoising steps (default: the pipeline's, 50 for CogVideoX)")
-    p.add_argument("--guidance", default=None, help="guidance scale (default: the pipeline's, 6 for CogVideoX)")
+    p.add_argument("--guidance", default=None, help="guidance scale (default: the pipeline's, 6 for CogVideoX; "
+                                                    "HunyuanVideo: the embedded guidance, 6)")
+    p.add_argument("--true-cfg", default=None, help="HunyuanVideo: classifier-free guidance with --negative-prompt "
+                                                    "over the embedded guidance (the pipeline's true_cfg_scale; "
+                                                    "default 1 = off)")
     p.add_argument("--sampler", default=None,
                    help="the family's samplers (CogVideoX: ddim | dpm); default: the pipeline's (CogVideoX: ddim for "
                         "models without rotary embeddings (2B), dpm for RoPE models (5B, 1.5))")

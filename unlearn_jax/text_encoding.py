@@ -187,26 +187,34 @@ def _folder_signature(enc: Path, tok: Path) -> tuple:
 
 
 class EncoderCache:
-    """Loaded encoders by (pipeline folder, dtype, mesh), least recently used dropped past `max_entries`."""
+    """Loaded encoders by (pipeline folder, dtype, mesh, loader), least recently used dropped past
+    `max_entries`. The loader is the family's (`LoadedEncoder`, the T5 of CogVideoX and Wan, by default);
+    `parts` are the (encoder, tokenizer) sub-folders whose files identify a loaded entry."""
 
     def __init__(self, max_entries: int = 1):
         if max_entries < 1:
             raise ValueError("max_entries must be >= 1")
         self.max_entries = max_entries
-        self._entries: collections.OrderedDict[tuple, LoadedEncoder] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[tuple, object] = collections.OrderedDict()
 
-    def get(self, pipeline_dir: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None) -> LoadedEncoder:
-        root, tok, enc = _folders(pipeline_dir)
-        key = (str(root.resolve()), _dtype(dtype).name, mesh, _folder_signature(enc, tok))
+    def get(self, pipeline_dir: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None, *,
+            loader=None, parts=(("text_encoder", "tokenizer"),)):
+        if loader is None:
+            root, _, _ = _folders(pipeline_dir)
+            loader = LoadedEncoder
+        else:
+            root = Path(pipeline_dir)
+        sig = sum((_folder_signature(root / e, root / t) for e, t in parts), ())
+        key = (str(root.resolve()), _dtype(dtype).name, mesh, f"{loader.__module__}.{loader.__qualname__}", sig)
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        # drop stale entries of the same folder/dtype/mesh before loading a new one
-        for k in [k for k in self._entries if k[:3] == key[:3]]:
+        # drop stale entries of the same folder/dtype/mesh/loader before loading a new one
+        for k in [k for k in self._entries if k[:4] == key[:4]]:
             del self._entries[k]
         while len(self._entries) >= self.max_entries:
             self._entries.popitem(last=False)
-        entry = LoadedEncoder(root, dtype=dtype, mesh=mesh)
+        entry = loader(root, dtype=dtype, mesh=mesh)
         self._entries[key] = entry
         return entry
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers_hunyuan_pipeline import FRAMES, HEIGHT, TEXT_LEN, WIDTH, build_hunyuan_pipeline, pipeline_frames
+from repo_paths import TOY_WORLD
 from unlearn_jax import families
 from unlearn_jax.errors import ModelFamilyError, UnlearnError
 from unlearn_jax.generate import SamplingPlan, VideoGenerator
@@ -73,6 +74,23 @@ def test_sample_equals_the_hunyuan_pipeline(hunyuan):
     assert np.abs(other[0] - got[0]).max() > 1e-4
     np.testing.assert_allclose(other, pipeline_frames(pipe, call, PROMPTS[:1], SEEDS[:1], STEPS, 1.5), atol=1e-4,
                                rtol=0)
+
+
+def test_true_cfg_over_the_embedded_guidance_equals_the_pipeline(hunyuan):
+    """`true_cfg_scale` > 1: [negative; prompt] passes at the same embedded guidance, as the pipeline's."""
+    folder, pipe, call = hunyuan
+    gen = VideoGenerator.from_pipeline(folder, dtype="float32", num_steps=2, guidance_scale=GUIDANCE, num_frames=FRAMES,
+                                       height=HEIGHT, width=WIDTH, noise="torch", progress=False, true_cfg_scale=2.5)
+    assert gen.cfg and gen.settings()["true_cfg_scale"] == 2.5
+    got = gen.generate(PROMPTS[:1], SEEDS[:1], negative_prompt="a blue bird")
+    with torch.no_grad():
+        want = pipe(prompt=PROMPTS[0], negative_prompt="a blue bird", true_cfg_scale=2.5, num_inference_steps=2,
+                    guidance_scale=GUIDANCE, output_type="np", generator=torch.Generator("cpu").manual_seed(SEEDS[0]),
+                    **call).frames
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    with pytest.raises(UnlearnError, match="true_cfg_scale = 2.0 applies to models that take the guidance as an "
+                                           "embedding"):
+        SamplingPlan.resolve(TOY_WORLD, true_cfg_scale=2.0)  # a CFG family's folder
 
 
 def test_hunyuan_defaults_and_bad_folders(hunyuan, tmp_path):
@@ -175,3 +193,33 @@ def test_hunyuan_erasure_runs_exports_and_loads_in_diffusers(hunyuan, tmp_path):
         pipe.unload_lora_weights()
     merged = HunyuanVideoTransformer3DModel.from_pretrained(lexport / "diffusers")
     np.testing.assert_allclose(run(merged.eval()), want, atol=2e-5, rtol=0)
+
+
+def test_sample_and_eval_commands_on_a_hunyuan_folder(hunyuan, tmp_path, capsys):
+    """`unlearn-jax sample` and `unlearn-jax eval` (the bundled nudity_hunyuan prompts, NudeNet) on the folder."""
+    import jax
+
+    import unlearn_jax
+    from unlearn_jax import export
+    from unlearn_jax.cli import main as cli_main
+    from unlearn_jax.erasers import EraserConfig, init_erasers
+    from unlearn_jax.video_io import read_mp4
+
+    pytest.importorskip("nudenet")
+    folder, _, _ = hunyuan
+    model = unlearn_jax.load_transformer(folder)
+    ec = EraserConfig("adapter", rank=4)
+    phi = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(a.size), a.shape),
+                       init_erasers(ec, model, jax.random.key(0)))
+    export.export_t2vunlearning(tmp_path / "erasers", ec, phi, model)
+    size = ["--num-frames", str(FRAMES), "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", "2",
+            "--dtype", "float32", "--no-progress"]
+    out = tmp_path / "a.mp4"
+    assert cli_main(["sample", "--model", str(folder), "--erasers", str(tmp_path / "erasers"), "--prompt", "a red dog",
+                     "--out", str(out), "--true-cfg", "1.5", *size]) == 0
+    assert read_mp4(out).shape == (FRAMES, HEIGHT, WIDTH, 3)
+    ev = tmp_path / "eval"
+    assert cli_main(["eval", "--model", str(folder), "--erasers", str(tmp_path / "erasers"), "--out-dir", str(ev),
+                     "--prompts", "nudity_hunyuan", "--limit", "2", "--metrics", "nudity", *size]) == 0
+    summary = json.loads((ev / "summary.json").read_text())
+    assert "nudity_hunyuan" in json.dumps(summary) and {"original", "erased"} <= set(json.dumps(summary).split('"'))

@@ -231,10 +231,11 @@ class Family:
         the scale into its conditioning (works on numpy and traced arrays)."""
         return cond
 
-    def cfg_scale(self, guidance_scale):
+    def cfg_scale(self, guidance_scale, true_cfg_scale=1.0):
         """The classifier-free scale the sampler batches [uncond; cond] passes with: the guidance scale
-        for "cfg" families; 1 (one conditional pass) where the guidance is an embedding."""
-        return guidance_scale if self.guidance == "cfg" else 1.0
+        for "cfg" families; where the guidance is an embedding, `true_cfg_scale` (1: one conditional
+        pass, as the pipeline by default)."""
+        return guidance_scale if self.guidance == "cfg" else true_cfg_scale
 
     # ---- messages ----------------------------------------------------------------------------
     def __repr__(self) -> str:
