@@ -49,6 +49,9 @@ def register(sub):
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the toy world 25)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's, 6 for "
                                                                  "CogVideoX and the toy world)")
+    s.add_argument("--eraser-scale", type=float, default=None, help="the erased model's eraser output scale (the "
+                                                                     "published scripts' eraser weight); default: "
+                                                                     "the folder's")
     s.add_argument("--true-cfg", type=float, default=None, help="HunyuanVideo: classifier-free guidance over the "
                                                                  "embedded guidance (true_cfg_scale; default 1 = off)")
     s.add_argument("--sampler", default=None, help="the family's samplers (CogVideoX: ddim | dpm); default: the "
@@ -145,7 +148,7 @@ def _prompt_sets(a, model: Path) -> int:
     plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps,
                                 guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
                                 height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size,
-                                true_cfg_scale=a.true_cfg)
+                                true_cfg_scale=a.true_cfg, eraser_scale=a.eraser_scale)
     from unlearn_jax.text_encoding import EncoderCache
 
     erased = VideoGenerator.from_plan(plan, progress=not a.no_progress, encoder_cache=EncoderCache(max_entries=1))

@@ -249,16 +249,19 @@ class SamplingPlan:
     vae_tiling: object
     batch_size: int
     true_cfg_scale: float = 1.0
+    eraser_scale: float | None = None  # None: the eraser folder's scale
 
     @classmethod
     def resolve(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int | None = None,
                 guidance_scale: float | None = None, use_dynamic_cfg: bool | None = None,
                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
                 noise: str = "jax", vae_tiling=None, batch_size: int = 1,
-                true_cfg_scale: float | None = None) -> "SamplingPlan":
+                true_cfg_scale: float | None = None, eraser_scale: float | None = None) -> "SamplingPlan":
         """None = the family pipeline's default (sampler, steps, guidance, dynamic CFG, video size).
         true_cfg_scale: classifier-free guidance with the negative prompt over the embedded guidance of a
-        guidance-distilled model (HunyuanVideoPipeline's `true_cfg_scale`; 1 = off, its default)."""
+        guidance-distilled model (HunyuanVideoPipeline's `true_cfg_scale`; 1 = off, its default).
+        eraser_scale: the erasers' output scale (the "eraser weight" of the authors' scripts; 0 = off);
+        None: the eraser folder's (1 for the published format)."""
         folder = PipelineFolder.open(path)
         family = folder.family
         dtype = _dtype_name(dtype)
@@ -278,6 +281,10 @@ class SamplingPlan:
         guidance_scale = _number("guidance_scale", defaults.guidance_scale if guidance_scale is None else guidance_scale)
         batch_size = _int("batch_size", batch_size)
         true_cfg_scale = _true_cfg(family, true_cfg_scale)
+        if eraser_scale is not None:
+            eraser_scale = _number("eraser_scale", eraser_scale)
+            if erasers is None:
+                raise UnlearnError("eraser_scale is set but no erasers are given")
         _check_noise(noise)
         family.check_tiling(vae_tiling)
         shape = family.video_shape(model_cfg, vae_cfg, num_frames, height, width)
@@ -290,12 +297,15 @@ class SamplingPlan:
                 raise UnlearnError(f"{erasers}: no such eraser folder")
         scheduler = family.scheduler_config(SchedulerConfig.from_diffusers(folder.scheduler_config, kind=sampler))
         return cls(folder, erasers, sampler, scheduler, num_steps, guidance_scale, bool(use_dynamic_cfg), shape,
-                   dtype, noise, vae_tiling, batch_size, true_cfg_scale)
+                   dtype, noise, vae_tiling, batch_size, true_cfg_scale, eraser_scale)
 
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
-        return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
-                         self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling, self.true_cfg_scale)
+        out = _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
+                        self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling, self.true_cfg_scale)
+        if self.eraser_scale is not None:
+            out["eraser_scale"] = self.eraser_scale
+        return out
 
 
 def _given_conditioning(value, what: str):
@@ -400,6 +410,8 @@ class VideoGenerator:
         from unlearn_jax.loading import load_transformer
 
         model = load_transformer(plan.folder.root, dtype=plan.dtype, mesh=mesh, erasers=plan.erasers, **runtime)
+        if plan.eraser_scale is not None:
+            model.eraser_config = dataclasses.replace(model.eraser_config, scale=plan.eraser_scale)
         vae = None
         if plan.folder.vae is not None:
             vae = plan.folder.family.load_vae(plan.folder.vae, dtype=plan.dtype, mesh=mesh)

@@ -137,7 +137,8 @@ def _plan(a):
         guidance_scale=_float("--guidance", a.guidance), use_dynamic_cfg=a.dynamic_cfg,
         num_frames=_pos_int("--num-frames", a.num_frames), height=_pos_int("--height", a.height),
         width=_pos_int("--width", a.width), noise=a.noise, vae_tiling=a.vae_tiling,
-        batch_size=_pos_int("--batch-size", a.batch_size), true_cfg_scale=_float("--true-cfg", a.true_cfg))
+        batch_size=_pos_int("--batch-size", a.batch_size), true_cfg_scale=_float("--true-cfg", a.true_cfg),
+        eraser_scale=_float("--eraser-scale", a.eraser_scale))
 
 
 def _run_settings(a, plan) -> dict:
@@ -171,6 +172,8 @@ def register(sub):
     p.add_argument("--steps", default=None, help="denoising steps (default: the pipeline's, 50 for CogVideoX)")
     p.add_argument("--guidance", default=None, help="guidance scale (default: the pipeline's, 6 for CogVideoX; "
                                                     "HunyuanVideo: the embedded guidance, 6)")
+    p.add_argument("--eraser-scale", default=None, help="the erasers' output scale (the published scripts' eraser "
+                                                        "weight; 0 = off); default: the eraser folder's (1)")
     p.add_argument("--true-cfg", default=None, help="HunyuanVideo: classifier-free guidance with --negative-prompt "
                                                     "over the embedded guidance (the pipeline's true_cfg_scale; "
                                                     "default 1 = off)")

@@ -218,6 +218,14 @@ def test_sample_and_eval_commands_on_a_hunyuan_folder(hunyuan, tmp_path, capsys)
     assert cli_main(["sample", "--model", str(folder), "--erasers", str(tmp_path / "erasers"), "--prompt", "a red dog",
                      "--out", str(out), "--true-cfg", "1.5", *size]) == 0
     assert read_mp4(out).shape == (FRAMES, HEIGHT, WIDTH, 3)
+    # the eraser weight as a scale: 0 gives the base model's video, bit for bit
+    for name, extra in (("off.mp4", ["--erasers", str(tmp_path / "erasers"), "--eraser-scale", "0"]), ("base.mp4", [])):
+        assert cli_main(["sample", "--model", str(folder), *extra, "--prompt", "a red dog", "--out",
+                         str(tmp_path / name), *size]) == 0
+    np.testing.assert_array_equal(read_mp4(tmp_path / "off.mp4"), read_mp4(tmp_path / "base.mp4"))
+    assert cli_main(["sample", "--model", str(folder), "--eraser-scale", "0.5", "--prompt", "a", "--out",
+                     str(tmp_path / "x.mp4"), *size]) == 2
+    assert "no erasers" in capsys.readouterr().err
     ev = tmp_path / "eval"
     assert cli_main(["eval", "--model", str(folder), "--erasers", str(tmp_path / "erasers"), "--out-dir", str(ev),
                      "--prompts", "nudity_hunyuan", "--limit", "2", "--metrics", "nudity", *size]) == 0
