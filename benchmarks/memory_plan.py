@@ -71,6 +71,7 @@ class Model:
     height: int
     width: int
     text_len: int
+    boundary_ratio: float | None = None  # two experts of the transformer config (Wan 2.2 A14B), switched here
 
 
 MODELS = {
@@ -80,6 +81,9 @@ MODELS = {
                        81, 480, 832, 512),
     "wan22_5b": Model("wan", "wan2.2_ti2v_5b_transformer.json", "wan22_vae.json", "wan22_ti2v_5b_scheduler.json",
                       "unipc", 121, 704, 1280, 512),
+    # both experts (the same config), the size configs/wan22_a14b_nudity.py trains at
+    "wan22_a14b": Model("wan", "wan2.2_t2v_a14b_transformer.json", "wan21_vae.json", "wan22_scheduler.json", "unipc",
+                        81, 480, 832, 512, boundary_ratio=0.875),
     # the size configs/hunyuan_video_nudity.py trains at (the pipeline's default is 129 x 720 x 1280)
     "hunyuan_video": Model("hunyuan_video", "hunyuan_video_transformer.json", "hunyuan_video_vae.json",
                            "hunyuan_video_scheduler.json", "flow_euler", 61, 544, 960, 256),
@@ -187,6 +191,10 @@ def analyse(case: Case, args) -> dict:
     family = families.get(spec.family)
     path = CONFIG_DIR / spec.transformer
     cfg = family.transformer_config(read_json_object(path, "transformer config"), str(path))
+    if spec.boundary_ratio is not None:
+        from unlearn_jax.models.wan_experts import WanExpertsConfig
+
+        cfg = WanExpertsConfig(cfg, cfg, spec.boundary_ratio)
     override = dict(case.rules)
     rules = tuple((k, override.pop(k, v)) for k, v in DEFAULT_RULES) + tuple(override.items())
     chunk = case.attention_chunk or args.attention_chunk

@@ -73,6 +73,42 @@ def latent_shape(cfg, pipeline: Path, model) -> tuple[int, ...]:
     return shape.latent_shape
 
 
+def pipeline_model_config(pipeline: Path):
+    """(family, the config object of the pipeline's model) read from its config files, no weights; the
+    config is None for a transformer folder that is not a diffusers one (an orbax checkpoint)."""
+    from unlearn_jax import families
+    from unlearn_jax.jsonfiles import read_json_object
+    from unlearn_jax.loading import resolve_transformer_dir
+
+    family = families.of_folder(pipeline)
+
+    def read_one(folder):
+        folder = resolve_transformer_dir(folder)
+        if not (folder / "config.json").is_file():
+            return None
+        return family.transformer_config(read_json_object(folder / "config.json", "transformer config"),
+                                         str(folder / "config.json"))
+
+    folder = resolve_transformer_dir(pipeline)
+    return family, (read_one(folder) if folder == Path(pipeline) else
+                    family.pipeline_transformer_config(Path(pipeline), read_one))
+
+
+def check_model_fits(cfg, pipeline: Path):
+    """One line for a config the pipeline's model cannot train with: an eraser kind its site does not take
+    (Wan 2.2 A14B: adapter or lora), a second guidance scale for a model with one stage."""
+    from unlearn_jax.erasers import check_kind
+
+    family, model_cfg = pipeline_model_config(pipeline)
+    if model_cfg is None:
+        return
+    check_kind(cfg.eraser.kind, family.eraser_site(model_cfg), "config.eraser.kind")
+    g2 = cfg.sampler.guidance_scale_2
+    if g2 is not None and family.guidance_boundary(model_cfg) is None:
+        raise UnlearnError(f"config.sampler.guidance_scale_2={g2}: applies to two-stage models (Wan 2.2 A14B's "
+                           f"low-noise expert); this {family.title} model has one stage (leave it None)")
+
+
 def scheduler_config(cfg, pipeline: Path, family=None):
     """The x_t sampler's scheduler: the pipeline's scheduler config run as `config.sampler.kind`, set
     up as the family's pipeline sets it."""
@@ -132,6 +168,7 @@ class Run:
         self.pipeline = Path(cfg.model.path)
         resolve_transformer_dir(self.pipeline)
         families.of_folder(self.pipeline).check_folder(self.pipeline)
+        check_model_fits(cfg, self.pipeline)  # from the configs, before any weight is read
         # nothing of the run is written through a link out of its workdir
         self.checkpoint_dir = safe_child(self.workdir, "checkpoints")
         self.export_dir = safe_child(self.workdir, "export")
@@ -160,6 +197,7 @@ class Run:
                                    lora_targets=tuple(t for t in LORA_TARGETS if t in site.lora_targets))
         self.settings = StepSettings(
             num_sampler_steps=cfg.sampler.num_steps, guidance_scale=cfg.sampler.guidance_scale,
+            guidance_scale_2=cfg.sampler.guidance_scale_2,
             timestep_mode=cfg.sampler.timestep_mode, xt_source=cfg.sampler.xt_source,
             alpha_loc=cfg.erase.alpha_loc, beta_pre=cfg.erase.beta_pre if self.data.has_preservation else 0.0,
             mask_threshold=cfg.erase.mask_threshold, mask_mode=cfg.erase.mask_mode,
@@ -245,7 +283,8 @@ class Run:
         def traj(base, noise, ctx, uncond, key):
             vel = lambda x, t, c: step.velocity(base, None, x, c, t)[0]  # noqa: E731
             return sample_trajectory(vel, self.schedule, noise, family.with_guidance(ctx, g),
-                                     family.with_guidance(uncond, g), guidance_scale=family.cfg_scale(g), key=key)
+                                     family.with_guidance(uncond, g), guidance_scale=family.cfg_scale(g), key=key,
+                                     guidance_scale_2=step.guidance_2(), boundary=step.boundary)
 
         rng = np.random.default_rng([self.cfg.seed, 0xBA2C])
         xs, xps, rows_all, pre_all = [], [], [], []

@@ -182,6 +182,7 @@ def rules(ch: Mapping[str, tuple] | None = None) -> dict[str, Callable]:
         "prompts.token_fallback": choice(TOKEN_FALLBACKS),
         "sampler.num_steps": integer(1),
         "sampler.guidance_scale": number(0),
+        "sampler.guidance_scale_2": optional(number(0, note=" (two-stage models: below the expert boundary)")),
         "sampler.kind": optional(choice(ch["samplers"], " (None: the model family's)")),
         "sampler.timestep_mode": choice(ch["timestep_modes"]),
         "sampler.xt_source": choice(ch["xt_sources"]),

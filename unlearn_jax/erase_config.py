@@ -40,6 +40,8 @@ def default_config() -> ConfigDict:
     c.sampler = ConfigDict()
     c.sampler.num_steps = 50  # J: DDIM steps of the x_t sampler
     c.sampler.guidance_scale = 3.0  # g_s of the x_t sampler
+    # two-stage models (Wan 2.2 A14B): g_s of the steps below the expert boundary (None: guidance_scale)
+    c.sampler.guidance_scale_2 = config_dict.placeholder(float)
     # the x_t sampler: the pipeline's scheduler config run as this kind (ddim | dpm | flow_euler | ...);
     # None: the model family's (CogVideoX: ddim), written into the run's config.json
     c.sampler.kind = config_dict.placeholder(str)

@@ -14,6 +14,12 @@ Formats (docs/METHOD.md §8):
 - LoRA: the keys `<lora_prefix>.<stack>.{i}.<attention>.<module>.lora_A/B.weight` that diffusers'
   `load_lora_weights` reads.
 
+A model of several experts (Wan 2.2 A14B): our folder holds all experts' rows in one stack (the
+high-noise expert's first) and names the experts in `experts` (`["transformer", "transformer_2"]`,
+with `expert_layers`, the rows of each); the published format and LoRA files are per expert (one
+folder or file each, `export`), and `load_erasers(folder, experts_model)` also reads a folder
+holding one published eraser folder per expert (`<folder>/transformer/`, `<folder>/transformer_2/`).
+
 The key tables come from the family's `EraserSite`. Every import checks the tensors against the
 base model (blocks, width, rank) and names what does not fit in one line. Writing the exports is
 `unlearn_jax.export`'s; the erased model is `unlearn_jax.erased_model`'s.
@@ -32,7 +38,7 @@ from unlearn_jax import families
 from unlearn_jax.atomic import atomic_dir
 from unlearn_jax.conversion import IDENTITY, LINEAR, Rule, RuleTable, SafetensorsReader, Target, load_params, \
     write_safetensors
-from unlearn_jax.erasers import KINDS, EraserConfig, model_and_site, check_phi, eraser_shapes, flatten_phi
+from unlearn_jax.erasers import KINDS, EraserConfig, check_phi, eraser_shapes, expert_rows, flatten_phi, model_and_site
 from unlearn_jax.errors import ConversionError, ModelFamilyError, UnlearnError
 from unlearn_jax.families.base import EraserSite
 from unlearn_jax.jsonfiles import read_json_object
@@ -46,8 +52,16 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 README_NAME = "README.md"
 
 __all__ = ["CONFIG_NAME", "FORMAT", "LORA_WEIGHTS", "PUBLISHED_PT", "PUBLISHED_SAFETENSORS", "WEIGHTS_NAME",
-           "check_phi", "eraser_shapes", "flatten_phi", "is_eraser_folder", "load_erasers", "lora_rule_table",
-           "published_rule_table", "save_erasers", "site_for", "stored_base_config", "unflatten_phi"]
+           "check_phi", "eraser_shapes", "expert_lora_weights", "flatten_phi", "is_eraser_folder", "load_erasers",
+           "lora_rule_table", "published_rule_table", "save_erasers", "site_for", "stored_base_config",
+           "unflatten_phi"]
+
+
+def expert_lora_weights(component: str) -> str:
+    """The LoRA file of one expert of a model of several (Wan 2.2 A14B: `transformer_lora.safetensors` and
+    `transformer_2_lora.safetensors`, read by `load_lora_weights(weight_name=...)`, the second with
+    `load_into_transformer_2=True`): named by the pipeline component it loads into."""
+    return f"{component}_lora.safetensors"
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,9 +115,13 @@ def _host(x) -> np.ndarray:
 # Our folder format
 # --------------------------------------------------------------------------------------------
 def _config_json(cfg: EraserConfig, model_config, site: EraserSite) -> dict:
-    return {"eraser_type": cfg.kind, "eraser_rank": cfg.rank, "scale": cfg.scale,
-            "lora_targets": list(cfg.lora_targets), "num_layers": site.num_layers, "dim": site.dim,
-            "format": FORMAT, "base_model": model_config.to_dict()}
+    d = {"eraser_type": cfg.kind, "eraser_rank": cfg.rank, "scale": cfg.scale,
+         "lora_targets": list(cfg.lora_targets), "num_layers": site.num_layers, "dim": site.dim}
+    parts = expert_rows(model_config)
+    if parts is not None:  # the rows of each expert, in order (read by unlearn_jax.torch without JAX)
+        d["experts"] = [name for name, _, _ in parts]
+        d["expert_layers"] = [r.stop - r.start for _, _, r in parts]
+    return {**d, "format": FORMAT, "base_model": model_config.to_dict()}
 
 
 def _config_of(model):
@@ -169,6 +187,11 @@ def _eraser_folder(folder) -> Path:
             return folder.parent
         raise UnlearnError(f"{folder}: expected an eraser folder (with {CONFIG_NAME}), got a file")
     if not (folder / CONFIG_NAME).exists():
+        inner = sorted(p.name for p in folder.iterdir() if (p / CONFIG_NAME).is_file())
+        if inner:  # one eraser folder per expert: they are read against the experts' model
+            raise UnlearnError(f"{folder}: holds one eraser folder per expert ({', '.join(inner)}); read it with the "
+                               "model of those experts (load_erasers(folder, model), load_transformer(PIPELINE, "
+                               "erasers=folder))")
         raise UnlearnError(f"{folder}: not an eraser folder (no {CONFIG_NAME}; a T2VUnlearning eraser folder has "
                            f"{CONFIG_NAME} + {PUBLISHED_PT})")
     return folder
@@ -228,6 +251,9 @@ def load_erasers(folder, model=None) -> tuple[EraserConfig, dict]:
     model: the base model (or its transformer config) the erasers will run on; every tensor is checked
     against it. Without it, the folder is only checked for consistency with itself.
     """
+    parts = _per_expert_folders(folder, model)
+    if parts is not None:
+        return _load_per_expert(Path(folder), parts)
     folder = _eraser_folder(folder)
     cfg_path = folder / CONFIG_NAME
     d = read_json_object(cfg_path, "eraser config")
@@ -238,6 +264,41 @@ def load_erasers(folder, model=None) -> tuple[EraserConfig, dict]:
     raise UnlearnError(f"{cfg_path}: not an eraser config (no 'eraser_type' key)")
 
 
+def _per_expert_folders(folder, model):
+    """The experts of `model` when `folder` holds one eraser folder per expert (and none of its own), else None."""
+    parts = None if model is None else expert_rows(model)
+    folder = Path(folder)
+    if parts is None or not folder.is_dir() or (folder / CONFIG_NAME).exists():
+        return None
+    return parts if all((folder / name / CONFIG_NAME).is_file() for name, _, _ in parts) else None
+
+
+def _load_per_expert(folder: Path, parts) -> tuple[EraserConfig, dict]:
+    """Each expert's eraser folder read against that expert, the rows stacked in the experts' order."""
+    import jax.numpy as jnp
+
+    loaded = [load_erasers(folder / name, part) for name, part, _ in parts]
+    kinds = {c for c, _ in loaded}
+    if len(kinds) != 1:
+        shown = "; ".join(f"{name}: {c.kind} rank {c.rank} scale {c.scale}" for (name, _, _), (c, _) in zip(parts, loaded))
+        raise UnlearnError(f"{folder}: the experts' erasers differ ({shown}); both experts need erasers of one kind, "
+                           "rank and scale")
+    return loaded[0][0], jax.tree.map(lambda *a: jnp.concatenate(a), *[phi for _, phi in loaded])
+
+
+def _check_experts_fit(cfg_path: Path, d: dict, model):
+    """Erasers of a two-expert model on one transformer (or the other way round): one line saying so."""
+    mine, theirs = d.get("experts"), expert_rows(model)
+    if mine and theirs is None:
+        raise ModelFamilyError(f"{cfg_path}: erasers for the experts {', '.join(mine)} of a two-expert model; this "
+                               "model is one transformer: attach them to the experts (load_transformer(PIPELINE) "
+                               "of the two-expert pipeline)")
+    if not mine and theirs is not None and "num_layers" in d:
+        raise ModelFamilyError(f"{cfg_path}: erasers for one transformer of {d['num_layers']} blocks; this model has "
+                               f"the experts {', '.join(n for n, _, _ in theirs)} (train erasers on the two-expert "
+                               "pipeline, or attach these to one expert: model.experts()[name])")
+
+
 def _load_ours(folder: Path, d: dict, model) -> tuple[EraserConfig, dict]:
     cfg_path = folder / CONFIG_NAME
     cfg = _config_from_json(d, cfg_path)
@@ -246,6 +307,7 @@ def _load_ours(folder: Path, d: dict, model) -> tuple[EraserConfig, dict]:
         if stored_cfg is None:
             raise UnlearnError(f"{cfg_path}: no base_model recorded; pass the base model to check the erasers against")
         model = stored_cfg
+    _check_experts_fit(cfg_path, d, model)
     site = site_for(model)
     if "num_layers" in d and "dim" in d:
         _fit_model(cfg_path, int(d["num_layers"]), int(d["dim"]), site.num_layers, site.dim)

@@ -14,6 +14,10 @@ kinds (docs/METHOD.md §1):
   zero-initialised). Layout: {proj: {"a": (L, in, rank), "b": (L, rank, out)}}, proj in
   to_q/to_k/to_v/to_out.
 - "attn" / "full": fine-tuned copies of a block's attention weights / all of its weights.
+
+A model of several experts (Wan 2.2 A14B, `model.experts()`) has one stack of rows over all of
+them, in the experts' order (the high-noise expert's num_layers rows, then the low-noise one's);
+its site takes adapter and lora erasers only (`EraserSite.kinds`).
 """
 from __future__ import annotations
 
@@ -63,6 +67,32 @@ def site_of(model) -> EraserSite:
     return families.of_model(model).eraser_site(model.config)
 
 
+def check_kind(kind: str, site: EraserSite, what: str = "eraser kind"):
+    """Refuses (one line) an eraser kind the model's site does not take."""
+    if kind not in site.kinds:
+        why = site.kinds_reason or f"this model takes {' or '.join(site.kinds)} erasers"
+        raise UnlearnError(f"{what} {kind!r}: {why}")
+
+
+def expert_rows(model) -> list[tuple[str, Any, slice]] | None:
+    """(component name, expert, its rows of phi) of a model (or model config) made of several experts, in
+    row order; None for one transformer. The expert is a model, or a config where `model` is one."""
+    model = getattr(model, "base", model)
+    if not hasattr(model, "experts"):
+        return None
+    out, start = [], 0
+    for name, part in model.experts().items():
+        n = model_and_site(part)[1].num_layers
+        out.append((name, part, slice(start, start + n)))
+        start += n
+    return out
+
+
+def take_layers(phi, rows: slice):
+    """The eraser rows `rows` of phi (every leaf's leading axis)."""
+    return jax.tree.map(lambda a: a[rows], phi)
+
+
 def _stack(model, site: EraserSite):
     return getattr(getattr(model, "base", model), site.stack)
 
@@ -83,6 +113,7 @@ def _keeps(cfg: EraserConfig, site: EraserSite):
 def init_erasers(cfg: EraserConfig, model, key) -> dict:
     """Fresh trainable parameters (fp32) for `model`; the erased model starts equal to the base."""
     site = site_of(model)
+    check_kind(cfg.kind, site)
     L, dim, r = site.num_layers, site.dim, cfg.rank
     if cfg.kind == "adapter":
         k1, k2 = jax.random.split(key)
@@ -192,6 +223,7 @@ def model_and_site(model):
 def eraser_shapes(cfg: EraserConfig, model) -> dict[str, tuple]:
     """Flat key -> shape of every eraser leaf `cfg` gives for `model` (a model or its config)."""
     base, site = model_and_site(model)
+    check_kind(cfg.kind, site)
     L, D, r = site.num_layers, site.dim, cfg.rank
     if cfg.kind == "adapter":
         return {"down.kernel": (L, D, r), "down.bias": (L, r), "up.kernel": (L, r, D), "up.bias": (L, D)}
@@ -243,6 +275,10 @@ def merge_erasers(model, cfg: EraserConfig, phi, scale=None):
                            "export them with --format t2vunlearning and attach them with "
                            "unlearn_jax.torch.attach_erasers")
     check_phi(cfg, phi, model, "merge_erasers")
+    parts = expert_rows(model)
+    if parts is not None:  # each expert with its own rows folded in
+        return model.with_experts({name: merge_erasers(part, cfg, take_layers(phi, rows), scale)
+                                   for name, part, rows in parts})
     site = site_of(model)
     s = cfg.scale if scale is None else scale
     new = {}

@@ -49,6 +49,8 @@ def register(sub):
     s.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the toy world 25)")
     s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's, 6 for "
                                                                  "CogVideoX and the toy world)")
+    s.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: the low-noise expert's guidance "
+                                                                   "(guidance_scale_2; default: --guidance)")
     s.add_argument("--eraser-scale", type=float, default=None, help="the erased model's eraser output scale (the "
                                                                      "published scripts' eraser weight); default: "
                                                                      "the folder's")
@@ -148,7 +150,7 @@ def _prompt_sets(a, model: Path) -> int:
     plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps,
                                 guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
                                 height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size,
-                                true_cfg_scale=a.true_cfg, eraser_scale=a.eraser_scale)
+                                true_cfg_scale=a.true_cfg, eraser_scale=a.eraser_scale, guidance_scale_2=a.guidance_2)
     from unlearn_jax.text_encoding import EncoderCache
 
     erased = VideoGenerator.from_plan(plan, progress=not a.no_progress, encoder_cache=EncoderCache(max_entries=1))
@@ -160,7 +162,8 @@ def _prompt_sets(a, model: Path) -> int:
             sampler=erased.sampler, num_steps=erased.num_steps, guidance_scale=erased.guidance_scale,
             use_dynamic_cfg=erased.use_dynamic_cfg, dtype=erased.dtype, noise=erased.noise,
             vae_tiling=erased.vae_tiling, batch_size=erased.batch_size, progress=not a.no_progress,
-            encoder_cache=erased.encoder_cache, true_cfg_scale=erased.true_cfg_scale)
+            encoder_cache=erased.encoder_cache, true_cfg_scale=erased.true_cfg_scale,
+            guidance_scale_2=erased.guidance_scale_2)
         gens["erased"] = erased
     else:
         gens["original"] = erased

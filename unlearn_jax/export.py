@@ -3,6 +3,12 @@ LoRA file, a merged diffusers transformer folder (`jax_to_diffusers.py --format 
 
 Every export takes the base model (or its transformer config): the family's `EraserSite` names
 the keys. Each is written under a temporary name and renamed when complete.
+
+A model of several experts (Wan 2.2 A14B, `erasers.expert_rows`) is exported per expert, each
+expert's rows in the layout a stock pipeline reads for that component: the published format as one
+folder per expert (`transformer/`, `transformer_2/`), LoRA as one file per expert
+(`eraser_io.expert_lora_weights`), merged weights as `transformer/` + `transformer_2/`; a README.md
+says how a stock `WanPipeline` loads them.
 """
 from __future__ import annotations
 
@@ -17,8 +23,8 @@ from unlearn_jax.atomic import atomic_dir
 from unlearn_jax.conversion import iter_torch_tensors, write_safetensors
 from unlearn_jax.dtypes import as_dtype
 from unlearn_jax.eraser_io import (CONFIG_NAME, LORA_WEIGHTS, PUBLISHED_PT, PUBLISHED_SAFETENSORS, README_NAME, _host,
-                                   flatten_phi, lora_rule_table, published_rule_table, site_for)
-from unlearn_jax.erasers import EraserConfig, merge_erasers
+                                   expert_lora_weights, flatten_phi, lora_rule_table, published_rule_table, site_for)
+from unlearn_jax.erasers import EraserConfig, expert_rows, merge_erasers, take_layers
 from unlearn_jax.errors import UnlearnError
 
 FORMATS = ("diffusers", "t2vunlearning", "lora")
@@ -29,7 +35,8 @@ __all__ = ["FORMATS", "export", "export_lora", "export_merged", "export_t2vunlea
 def export_merged(folder, base_model, cfg: EraserConfig, phi: Mapping, dtype=None, *, overwrite: bool = False,
                   root=None) -> Path:
     """A plain diffusers transformer folder (lora / attn / full erasers folded into the weights) that
-    the family's diffusers class `from_pretrained` loads as is."""
+    the family's diffusers class `from_pretrained` loads as is (several experts: one sub-folder each,
+    `from_pretrained(folder, subfolder="transformer_2")`)."""
     from unlearn_jax.loading import save_transformer
 
     return save_transformer(merge_erasers(base_model, cfg, phi), folder, dtype=dtype, overwrite=overwrite, root=root)
@@ -79,15 +86,23 @@ def export_t2vunlearning(folder, cfg: EraserConfig, phi: Mapping, model, dtype=N
     dtype: write the tensors in this dtype (default fp32). readme: add a README.md on how to load it.
     Needs PyTorch (to write the .pt file).
     """
-    tensors = _published_tensors(cfg, phi, model, dtype)
+    parts = expert_rows(model)
+    if parts is None:
+        tensors = {None: _published_tensors(cfg, phi, model, dtype)}
+    else:  # one published folder per expert, each with its own rows numbered from 0
+        tensors = {name: _published_tensors(cfg, take_layers(phi, rows), part, dtype) for name, part, rows in parts}
     try:
         import torch  # noqa: F401
     except ImportError:
         raise UnlearnError("writing eraser_weights.pt needs PyTorch (pip install 'unlearn-jax[torch]')") from None
     with atomic_dir(folder, overwrite, root=root) as tmp:
-        _write_published(tmp, cfg, tensors)
+        for name, t in tensors.items():
+            sub = tmp if name is None else tmp / name
+            sub.mkdir(exist_ok=True)
+            _write_published(sub, cfg, t)
         if readme:
-            (tmp / README_NAME).write_text(_ADAPTER_README.format(rank=cfg.rank))
+            text = _ADAPTER_README if parts is None else _EXPERTS_ADAPTER_README
+            (tmp / README_NAME).write_text(text.format(rank=cfg.rank))
     return Path(folder)
 
 
@@ -104,10 +119,34 @@ scripts assume 128 otherwise). In JAX: `unlearn_jax.load_transformer(BASE, erase
 eraser_weights.safetensors holds the same tensors; the readers of this project check that the two agree.
 """
 
+_EXPERTS_ADAPTER_README = """\
+# Concept erasers of a two-expert model (T2VUnlearning adapter format, one folder per expert)
+
+transformer/ holds the high-noise expert's adapters (WanPipeline's `transformer`), transformer_2/ the low-noise
+expert's (`transformer_2`); each is a published eraser folder (eraser_config.json + eraser_weights.pt, rank {rank}).
+A stock diffusers pipeline runs both with:
+
+    import unlearn_jax.torch; unlearn_jax.torch.attach_erasers(pipe, "THIS_FOLDER")
+
+or one expert at a time: `attach_erasers(pipe.transformer, "THIS_FOLDER/transformer")`,
+`attach_erasers(pipe.transformer_2, "THIS_FOLDER/transformer_2")`. In JAX:
+`unlearn_jax.load_transformer(PIPELINE, erasers="THIS_FOLDER")`.
+"""
+
 _LORA_README = """\
 # Concept eraser (LoRA)
 
     pipe.load_lora_weights("THIS_FOLDER")   # a diffusers pipeline of the base model (needs `peft`)
+"""
+
+_EXPERTS_LORA_README = """\
+# Concept erasers of a two-expert model (LoRA, one file per expert)
+
+{high} holds the high-noise expert's LoRA (WanPipeline's `transformer`), {low} the low-noise expert's
+(`transformer_2`). A stock diffusers pipeline of the base model (needs `peft`) loads both with:
+
+    pipe.load_lora_weights("THIS_FOLDER", weight_name="{high}")
+    pipe.load_lora_weights("THIS_FOLDER", weight_name="{low}", load_into_transformer_2=True)
 """
 
 
@@ -120,6 +159,20 @@ def export_lora(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, read
         raise UnlearnError(f"--format lora exports LoRA erasers; these are {cfg.kind!r} erasers "
                            + ("(use --format t2vunlearning)" if cfg.kind == "adapter"
                               else "(use --format diffusers --base BASE for merged weights)"))
+    parts = expert_rows(model)
+    with atomic_dir(folder, overwrite, root=root) as tmp:
+        if parts is None:
+            _write_lora(tmp / LORA_WEIGHTS, cfg, phi, model, dtype)
+        else:  # one file per expert, each read by load_lora_weights into its component
+            for name, part, rows in parts:
+                _write_lora(tmp / expert_lora_weights(name), cfg, take_layers(phi, rows), part, dtype)
+        if readme:
+            (tmp / README_NAME).write_text(_LORA_README if parts is None else _EXPERTS_LORA_README.format(
+                high=expert_lora_weights(parts[0][0]), low=expert_lora_weights(parts[1][0])))
+    return Path(folder)
+
+
+def _write_lora(path: Path, cfg: EraserConfig, phi: Mapping, model, dtype):
     leaves = {}
     for name, ab in phi.items():
         leaves[f"{name}.a"] = _host(ab["a"]).astype(np.float32, copy=False)
@@ -130,11 +183,7 @@ def export_lora(folder, cfg: EraserConfig, phi: Mapping, model, dtype=None, read
         dt = as_dtype(dtype)
         specs = {k: (s, dt) for k, (s, _) in specs.items()}
         gen = ((k, a.astype(dt)) for k, a in gen)
-    with atomic_dir(folder, overwrite, root=root) as tmp:
-        write_safetensors(tmp / LORA_WEIGHTS, gen, specs)
-        if readme:
-            (tmp / README_NAME).write_text(_LORA_README)
-    return Path(folder)
+    write_safetensors(path, gen, specs)
 
 
 def export(folder, fmt: str, cfg: EraserConfig, phi: Mapping, model, base_model=None, dtype=None, *,

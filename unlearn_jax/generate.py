@@ -127,16 +127,20 @@ class PipelineFolder:
         return cls(root, family, root / "transformer", sched, vae)
 
     def transformer_config(self):
+        """The config object of the pipeline's model (the family's: Wan 2.2 A14B's covers both experts)."""
+        return self.family.pipeline_transformer_config(self.root, self._read_transformer_config)
+
+    def _read_transformer_config(self, folder: Path):
         from unlearn_jax.families import ORBAX_MARKER
         from unlearn_jax.jsonfiles import read_json_object
 
-        if (self.transformer / "config.json").is_file():
-            path = self.transformer / "config.json"
+        if (folder / "config.json").is_file():
+            path = folder / "config.json"
             return self.family.transformer_config(read_json_object(path, "transformer config"), str(path))
-        if (self.transformer / ORBAX_MARKER).is_file():
-            meta = read_json_object(self.transformer / ORBAX_MARKER)
-            return self.family.transformer_config(meta.get("config", {}), str(self.transformer / ORBAX_MARKER))
-        raise UnlearnError(f"{self.transformer}: no config.json (a diffusers {self.family.transformer_class} folder)")
+        if (folder / ORBAX_MARKER).is_file():
+            meta = read_json_object(folder / ORBAX_MARKER)
+            return self.family.transformer_config(meta.get("config", {}), str(folder / ORBAX_MARKER))
+        raise UnlearnError(f"{folder}: no config.json (a diffusers {self.family.transformer_class} folder)")
 
     def vae_config(self):
         return None if self.vae is None else self.family.vae_config(self.vae)
@@ -209,7 +213,7 @@ def torch_noise(seed: int, shape, dtype: str = "float32", *, initial: bool = Tru
 # Resolved settings (checked before any weight is read)
 # --------------------------------------------------------------------------------------------
 def _settings(sampler, num_steps, guidance_scale, use_dynamic_cfg, shape: VideoShape, dtype, noise, has_vae,
-              vae_tiling, true_cfg_scale: float = 1.0) -> dict:
+              vae_tiling, true_cfg_scale: float = 1.0, guidance_scale_2: float | None = None) -> dict:
     tiling = True if vae_tiling is None else vae_tiling
     out = {"sampler": sampler, "num_steps": int(num_steps), "guidance_scale": float(guidance_scale),
            "use_dynamic_cfg": bool(use_dynamic_cfg), "num_frames": shape.num_frames, "height": shape.height,
@@ -217,7 +221,27 @@ def _settings(sampler, num_steps, guidance_scale, use_dynamic_cfg, shape: VideoS
            "vae_tiling": (tiling if isinstance(tiling, bool) else dataclasses.asdict(tiling)) if has_vae else None}
     if true_cfg_scale != 1.0:  # only where used, so that earlier runs' settings still match
         out["true_cfg_scale"] = float(true_cfg_scale)
+    if guidance_scale_2 is not None:  # two-stage models only, resolved (None = guidance_scale)
+        out["guidance_scale_2"] = float(guidance_scale_2)
     return out
+
+
+def _second_scale(family, model_cfg, guidance_scale: float, guidance_scale_2) -> float | None:
+    """The scale below the model's guidance boundary, resolved as the pipeline does (None = guidance_scale);
+    None for a model with one stage, which refuses a second scale in one line."""
+    boundary = family.guidance_boundary(model_cfg)
+    if boundary is None:
+        if guidance_scale_2 is not None:
+            raise UnlearnError(f"guidance_scale_2 = {guidance_scale_2!r} applies to two-stage models (Wan 2.2 A14B's "
+                               f"low-noise expert); this {family.title} model has one stage")
+        return None
+    if guidance_scale_2 is None:
+        return guidance_scale
+    value = _number("guidance_scale_2", guidance_scale_2)
+    if not uses_cfg(family.cfg_scale(guidance_scale)) and value != guidance_scale:
+        raise UnlearnError(f"guidance_scale_2 = {value} has no effect with guidance_scale = {guidance_scale}: the "
+                           "pipeline guides (either stage) only when guidance_scale > 1")
+    return value
 
 
 def _true_cfg(family, true_cfg_scale) -> float:
@@ -250,18 +274,22 @@ class SamplingPlan:
     batch_size: int
     true_cfg_scale: float = 1.0
     eraser_scale: float | None = None  # None: the eraser folder's scale
+    guidance_scale_2: float | None = None  # two-stage models: the scale below the boundary (resolved); else None
 
     @classmethod
     def resolve(cls, path, *, erasers=None, dtype="bfloat16", sampler: str | None = None, num_steps: int | None = None,
                 guidance_scale: float | None = None, use_dynamic_cfg: bool | None = None,
                 num_frames: int | None = None, height: int | None = None, width: int | None = None,
                 noise: str = "jax", vae_tiling=None, batch_size: int = 1,
-                true_cfg_scale: float | None = None, eraser_scale: float | None = None) -> "SamplingPlan":
+                true_cfg_scale: float | None = None, eraser_scale: float | None = None,
+                guidance_scale_2: float | None = None) -> "SamplingPlan":
         """None = the family pipeline's default (sampler, steps, guidance, dynamic CFG, video size).
         true_cfg_scale: classifier-free guidance with the negative prompt over the embedded guidance of a
         guidance-distilled model (HunyuanVideoPipeline's `true_cfg_scale`; 1 = off, its default).
         eraser_scale: the erasers' output scale (the "eraser weight" of the authors' scripts; 0 = off);
-        None: the eraser folder's (1 for the published format)."""
+        None: the eraser folder's (1 for the published format).
+        guidance_scale_2: the guidance of the steps below the model's boundary (Wan 2.2 A14B: the low-noise
+        expert's; the pipeline's `guidance_scale_2`); None = guidance_scale. Refused for one-stage models."""
         folder = PipelineFolder.open(path)
         family = folder.family
         dtype = _dtype_name(dtype)
@@ -280,6 +308,7 @@ class SamplingPlan:
         num_steps = _int("num_steps", defaults.num_steps if num_steps is None else num_steps)
         guidance_scale = _number("guidance_scale", defaults.guidance_scale if guidance_scale is None else guidance_scale)
         batch_size = _int("batch_size", batch_size)
+        guidance_scale_2 = _second_scale(family, model_cfg, guidance_scale, guidance_scale_2)
         true_cfg_scale = _true_cfg(family, true_cfg_scale)
         if eraser_scale is not None:
             eraser_scale = _number("eraser_scale", eraser_scale)
@@ -297,12 +326,13 @@ class SamplingPlan:
                 raise UnlearnError(f"{erasers}: no such eraser folder")
         scheduler = family.scheduler_config(SchedulerConfig.from_diffusers(folder.scheduler_config, kind=sampler))
         return cls(folder, erasers, sampler, scheduler, num_steps, guidance_scale, bool(use_dynamic_cfg), shape,
-                   dtype, noise, vae_tiling, batch_size, true_cfg_scale, eraser_scale)
+                   dtype, noise, vae_tiling, batch_size, true_cfg_scale, eraser_scale, guidance_scale_2)
 
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
         out = _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
-                        self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling, self.true_cfg_scale)
+                        self.dtype, self.noise, self.folder.vae is not None, self.vae_tiling, self.true_cfg_scale,
+                        self.guidance_scale_2)
         if self.eraser_scale is not None:
             out["eraser_scale"] = self.eraser_scale
         return out
@@ -347,10 +377,12 @@ class VideoGenerator:
                  sampler: str | None = None, num_steps: int = 50, guidance_scale: float = 6.0,
                  use_dynamic_cfg: bool = False, dtype: str = "float32", noise: str = "jax", vae_tiling=None,
                  batch_size: int = 1, mesh=None, progress: bool = True, encoder_cache=None,
-                 true_cfg_scale: float = 1.0):
+                 true_cfg_scale: float = 1.0, guidance_scale_2: float | None = None):
         """true_cfg_scale: CFG with the negative prompt over the embedded guidance (embedding-guided
         families, as HunyuanVideoPipeline's; 1 = off). encoder_cache: a `text_encoding.EncoderCache` to share the loaded T5 with other generators
-        (e.g. an original and an erased model in one evaluation); default: this generator's own."""
+        (e.g. an original and an erased model in one evaluation); default: this generator's own.
+        guidance_scale_2: the guidance below the model's boundary (two-stage models such as Wan 2.2 A14B,
+        whose boundary the model gives); None = guidance_scale, as the pipeline."""
         self.family = families.of_model(model)
         self.model, self.scheduler, self.shape, self.vae = model, scheduler, shape, vae
         self.pipeline_dir = None if pipeline_dir is None else Path(pipeline_dir)
@@ -366,6 +398,8 @@ class VideoGenerator:
         self.schedule = make_schedule(scheduler, self.num_steps)
         self.true_cfg_scale = _true_cfg(self.family, true_cfg_scale)
         self.cfg = uses_cfg(self.family.cfg_scale(self.guidance_scale, self.true_cfg_scale))
+        self.boundary = self.family.guidance_boundary(model.config)
+        self.guidance_scale_2 = _second_scale(self.family, model.config, self.guidance_scale, guidance_scale_2)
         self._encoder_cache = encoder_cache
         self._neg_cache: dict[str, np.ndarray] = {}
         self._warned_tiling = False
@@ -380,7 +414,7 @@ class VideoGenerator:
                       use_dynamic_cfg: bool | None = None, num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, noise: str = "jax", vae_tiling=None,
                       batch_size: int = 1, mesh=None, progress: bool = True, true_cfg_scale: float | None = None,
-                      **runtime) -> "VideoGenerator":
+                      guidance_scale_2: float | None = None, **runtime) -> "VideoGenerator":
         """Reads a diffusers pipeline folder of any supported family (CogVideoX: transformer/, scheduler/,
         tokenizer/, text_encoder/ and vae/, which may be absent for pixel-space models).
 
@@ -390,6 +424,7 @@ class VideoGenerator:
         sampler / num_steps / guidance_scale: None = the family pipeline's defaults (CogVideoX: DDIM for
             models without RoPE, DPM for RoPE models; 50 steps; guidance 6).
         use_dynamic_cfg: None = the family's default for the sampler (CogVideoX: on for DPM, off for DDIM).
+        guidance_scale_2: two-stage models (Wan 2.2 A14B): the low-noise stage's guidance (None = guidance_scale).
         num_frames / height / width: None = the pipeline's defaults (transformer config).
         noise: "jax" or "torch" (see the module docstring).
         vae_tiling: None/True tile frames larger than the VAE's tile (`enable_tiling()`), False
@@ -400,7 +435,8 @@ class VideoGenerator:
         plan = SamplingPlan.resolve(path, erasers=erasers, dtype=dtype, sampler=sampler, num_steps=num_steps,
                                     guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
                                     num_frames=num_frames, height=height, width=width, noise=noise,
-                                    vae_tiling=vae_tiling, batch_size=batch_size, true_cfg_scale=true_cfg_scale)
+                                    vae_tiling=vae_tiling, batch_size=batch_size, true_cfg_scale=true_cfg_scale,
+                                    guidance_scale_2=guidance_scale_2)
         return cls.from_plan(plan, mesh=mesh, progress=progress, **runtime)
 
     @classmethod
@@ -418,12 +454,14 @@ class VideoGenerator:
         return cls(model, plan.scheduler, plan.shape, pipeline_dir=plan.folder.root, vae=vae, sampler=plan.sampler,
                    num_steps=plan.num_steps, guidance_scale=plan.guidance_scale, use_dynamic_cfg=plan.use_dynamic_cfg,
                    dtype=plan.dtype, noise=plan.noise, vae_tiling=plan.vae_tiling, batch_size=plan.batch_size,
-                   mesh=mesh, progress=progress, encoder_cache=encoder_cache, true_cfg_scale=plan.true_cfg_scale)
+                   mesh=mesh, progress=progress, encoder_cache=encoder_cache, true_cfg_scale=plan.true_cfg_scale,
+                   guidance_scale_2=plan.guidance_scale_2)
 
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
         return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,
-                         self.dtype, self.noise, self.vae is not None, self.vae_tiling, self.true_cfg_scale)
+                         self.dtype, self.noise, self.vae is not None, self.vae_tiling, self.true_cfg_scale,
+                         self.guidance_scale_2)
 
     # ---- the jitted sampler ------------------------------------------------------------------
     def _make_run(self):
@@ -431,6 +469,9 @@ class VideoGenerator:
         num_steps, dyn, dtype = self.num_steps, self.use_dynamic_cfg, jnp.dtype(self.dtype)
         # embedding-guided families: the scale in the conditioning, one pass (or true CFG over it)
         g = family.cfg_scale(guidance, self.true_cfg_scale)
+        # two-stage models: the second stage's classifier-free scale below the model's boundary
+        g2 = None if self.guidance_scale_2 is None else family.cfg_scale(self.guidance_scale_2, self.true_cfg_scale)
+        boundary = self.boundary
         latent_dtype = jnp.dtype(self.family.noise_dtype(self.dtype))  # the pipeline's latents between steps
         item_shape = self.shape.noise_shape[1:]
         needs_noise = schedule.needs_noise
@@ -448,7 +489,8 @@ class VideoGenerator:
             out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(latent_dtype),
                          _cast(ctx, dtype),
                          None if uncond is None else _cast(uncond, dtype), num_steps=num_steps, guidance_scale=g,
-                         use_dynamic_cfg=dyn, step_noise=step_noise if needs_noise else None)
+                         use_dynamic_cfg=dyn, step_noise=step_noise if needs_noise else None, guidance_scale_2=g2,
+                         boundary=boundary)
             return out.latents.astype(jnp.float32)
 
         return run

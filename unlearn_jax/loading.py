@@ -1,7 +1,8 @@
 """Load and save transformers of every model family: diffusers folders (safetensors) and our orbax checkpoints.
 
 `load_transformer(path)` accepts a diffusers transformer folder, a pipeline folder (its
-`transformer/` is used) or a folder written by `save_orbax` (fast repeated loads). The family is
+`transformer/` is used; the family may read more: Wan 2.2 A14B's `transformer_2/` too, returning
+both experts as one model) or a folder written by `save_orbax` (fast repeated loads). The family is
 found from the folder (`families.of_transformer_folder`); tensors are streamed one at a time
 straight into their target shardings by the family's rule table (`conversion.load_into`).
 """
@@ -69,26 +70,17 @@ def load_transformer(path, dtype=None, mesh=None, rules=None, erasers=None, prog
     erasers: a folder of trained erasers (ours or the published T2VUnlearning format) to attach.
     runtime: `attention=`, `remat=`, `param_dtype=` ... (the family model's `Runtime`).
     """
+    path = Path(path)
     folder = resolve_transformer_dir(path)
     family = families.of_transformer_folder(folder)
     dtype = as_dtype(dtype)
     rules = tuple(rules if rules is not None else DEFAULT_RULES)
-    if (folder / ORBAX_MARKER).exists():
-        model = _load_orbax(folder, family, dtype, mesh, rules, runtime)
-    else:
-        from unlearn_jax.jsonfiles import read_json_object
 
-        cfg = family.transformer_config(read_json_object(folder / "config.json", "transformer config"),
-                                        str(folder / "config.json"))
-        reader = SafetensorsReader(folder, prefer=WEIGHTS_NAME)
-        try:
-            first = reader.dtype(reader.keys()[0])
-            leaves_dtype = np.dtype(np.float32) if first == np.float64 else first
-            model_abs = family.abstract_transformer(cfg, **_runtime_for(dtype, leaves_dtype, mesh, rules, runtime))
-            model = load_into(model_abs, reader, family.transformer_rules(cfg), str(folder), dtype=dtype, mesh=mesh,
-                              rules=rules, progress=progress)
-        finally:
-            reader.close()
+    def load_one(sub):
+        return _load_folder(resolve_transformer_dir(sub), dtype, mesh, rules, progress, runtime)
+
+    # a pipeline folder: its family says which transformer folders make its model
+    model = load_one(folder) if folder == path else family.load_pipeline_transformer(path, load_one)
     if erasers is not None:
         from unlearn_jax.erased_model import attach_erasers
 
@@ -96,23 +88,72 @@ def load_transformer(path, dtype=None, mesh=None, rules=None, erasers=None, prog
     return model
 
 
+def _load_folder(folder: Path, dtype, mesh, rules, progress: bool, runtime: dict):
+    """One transformer folder (diffusers or our orbax checkpoint) of any family."""
+    family = families.of_transformer_folder(folder)
+    if (folder / ORBAX_MARKER).exists():
+        return _load_orbax(folder, family, dtype, mesh, rules, runtime)
+    from unlearn_jax.jsonfiles import read_json_object
+
+    cfg = family.transformer_config(read_json_object(folder / "config.json", "transformer config"),
+                                    str(folder / "config.json"))
+    reader = SafetensorsReader(folder, prefer=WEIGHTS_NAME)
+    try:
+        first = reader.dtype(reader.keys()[0])
+        leaves_dtype = np.dtype(np.float32) if first == np.float64 else first
+        model_abs = family.abstract_transformer(cfg, **_runtime_for(dtype, leaves_dtype, mesh, rules, runtime))
+        return load_into(model_abs, reader, family.transformer_rules(cfg), str(folder), dtype=dtype, mesh=mesh,
+                         rules=rules, progress=progress)
+    finally:
+        reader.close()
+
+
+def _parts(model) -> dict | None:
+    """A model made of several diffusers transformers (Wan 2.2 A14B's experts): component name -> part."""
+    model = getattr(model, "base", model)
+    return model.experts() if hasattr(model, "experts") else None
+
+
 def save_transformer(model, path, dtype=None, max_shard_size: int = 10 * 2**30, *, overwrite: bool = False,
                      root=None):
     """Writes a diffusers transformer folder that the family's diffusers class `from_pretrained` loads.
 
+    A model of several transformers (Wan 2.2 A14B's two experts) is written as one sub-folder per
+    component (`transformer/`, `transformer_2/`, each loading with `from_pretrained(path, subfolder=...)`)
+    plus a model_index.json naming them and the boundary, so `load_transformer(path)` reads both back.
     dtype: None writes each tensor in the model's parameter dtype. Written to a temporary folder
     and renamed when complete. overwrite: replace an earlier output of unlearn-jax at `path`
     (never anything else: `atomic.atomic_dir`); root: `path` must lie inside it.
     """
-    family = families.of_model(model)
-    cfg = model.config
+    parts = _parts(model)
     with atomic_dir(path, overwrite, root=root) as tmp:
-        config = cfg.to_dict()
-        config["_diffusers_version"] = _diffusers_version()
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_module(tmp, model, family.transformer_rules(cfg), WEIGHTS_NAME, dtype=as_dtype(dtype),
-                     max_shard_size=max_shard_size)
+        if parts is None:
+            _write_transformer(tmp, model, dtype, max_shard_size)
+        else:
+            for name, part in parts.items():
+                (tmp / name).mkdir()
+                _write_transformer(tmp / name, part, dtype, max_shard_size)
+            _write_index(tmp, model.config)
     return Path(path)
+
+
+def _write_transformer(folder: Path, model, dtype, max_shard_size: int):
+    family = families.of_model(model)
+    config = model.config.to_dict()
+    config["_diffusers_version"] = _diffusers_version()
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_module(folder, model, family.transformer_rules(model.config), WEIGHTS_NAME, dtype=as_dtype(dtype),
+                 max_shard_size=max_shard_size)
+
+
+def _write_index(folder: Path, cfg):
+    """model_index.json of a folder of several transformers; the scheduler's num_train_timesteps only where it
+    is not diffusers' default 1000 (the boundary's scale)."""
+    (folder / "model_index.json").write_text(json.dumps(cfg.pipeline_index(_diffusers_version()), indent=2) + "\n")
+    if cfg.num_train_timesteps != 1000:
+        (folder / "scheduler").mkdir()
+        (folder / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps({"num_train_timesteps": cfg.num_train_timesteps}, indent=2) + "\n")
 
 
 def _diffusers_version() -> str:
@@ -130,6 +171,9 @@ def _diffusers_version() -> str:
 def save_orbax(model, path, *, overwrite: bool = False):
     import orbax.checkpoint as ocp
 
+    if _parts(model) is not None:
+        raise UnlearnError(f"{path}: a model of several transformers ({', '.join(_parts(model))}); save each one "
+                           "with save_orbax(part, ...) (model.experts()), or the whole with save_transformer")
     family = families.of_model(model)
     leaves = param_leaves(model)
     with atomic_dir(path, overwrite) as tmp:

@@ -138,7 +138,7 @@ def _plan(a):
         num_frames=_pos_int("--num-frames", a.num_frames), height=_pos_int("--height", a.height),
         width=_pos_int("--width", a.width), noise=a.noise, vae_tiling=a.vae_tiling,
         batch_size=_pos_int("--batch-size", a.batch_size), true_cfg_scale=_float("--true-cfg", a.true_cfg),
-        eraser_scale=_float("--eraser-scale", a.eraser_scale))
+        eraser_scale=_float("--eraser-scale", a.eraser_scale), guidance_scale_2=_float("--guidance-2", a.guidance_2))
 
 
 def _run_settings(a, plan) -> dict:
@@ -172,6 +172,8 @@ def register(sub):
     p.add_argument("--steps", default=None, help="denoising steps (default: the pipeline's, 50 for CogVideoX)")
     p.add_argument("--guidance", default=None, help="guidance scale (default: the pipeline's, 6 for CogVideoX; "
                                                     "HunyuanVideo: the embedded guidance, 6)")
+    p.add_argument("--guidance-2", default=None, help="Wan 2.2 A14B: the guidance of the low-noise expert's steps "
+                                                      "(the pipeline's guidance_scale_2; default: --guidance)")
     p.add_argument("--eraser-scale", default=None, help="the erasers' output scale (the published scripts' eraser "
                                                         "weight; 0 = off); default: the eraser folder's (1)")
     p.add_argument("--true-cfg", default=None, help="HunyuanVideo: classifier-free guidance with --negative-prompt "

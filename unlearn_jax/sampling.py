@@ -10,7 +10,9 @@ other families add masks and pooled vectors), every leaf with the batch first.
 
 Per step, the unconditional and the conditional pass go through ONE call, batched as
 [uncond; cond] like the pipeline, then `uncond + g * (cond - uncond)`; with `use_dynamic_cfg`
-the scale follows the pipeline's cosine ramp over the timestep. The loop is a `lax.fori_loop`
+the scale follows the pipeline's cosine ramp over the timestep. A second scale below a boundary
+(`guidance_scale_2`, `boundary`: Wan 2.2 A14B's low-noise stage) guides the steps whose timestep is
+< boundary; whether guidance runs at all is decided by `guidance_scale`, as in the pipeline. The loop is a `lax.fori_loop`
 whose trip count may be traced (`stop_after=j`), so one compiled sampler serves every j: it
 returns the latents after j steps and the timestep they sit at (the state a training step
 needs), or the final latents when `stop_after` is None.
@@ -49,10 +51,33 @@ def uses_cfg(guidance_scale) -> bool:
     return True
 
 
-def guidance_scales(schedule: Schedule, guidance_scale, use_dynamic_cfg: bool = False):
+def guidance_scales(schedule: Schedule, guidance_scale, use_dynamic_cfg: bool = False, guidance_scale_2=None,
+                    boundary=None):
     """(N,) float32 guidance scale of each step. The dynamic ramp is CogVideoXPipeline's:
     `1 + g * (1 - cos(pi * ((N - t) / N) ** 5)) / 2` with t the step's timestep value and N the
-    number of steps, computed in float64 on the host when g is a concrete number."""
+    number of steps, computed in float64 on the host when g is a concrete number.
+
+    guidance_scale_2 / boundary: the steps whose timestep is below `boundary` take `guidance_scale_2`
+    instead (both None: one scale throughout). The comparison is float32, as WanPipeline's
+    `t >= boundary_timestep` on its timesteps."""
+    first = _scale_table(schedule, guidance_scale, use_dynamic_cfg)
+    if guidance_scale_2 is None:
+        return first
+    second = _scale_table(schedule, guidance_scale_2, use_dynamic_cfg)
+    high = jnp.asarray(schedule.timesteps).astype(jnp.float32) >= jnp.float32(boundary)
+    return jnp.where(high, first, second)
+
+
+def _check_second_scale(guidance_scale_2, boundary):
+    if guidance_scale_2 is None:
+        return
+    _check_guidance(guidance_scale_2, "guidance_scale_2")
+    if boundary is None:
+        raise UnlearnError("guidance_scale_2 needs a boundary (the timestep below which it guides); the model has "
+                           "one stage")
+
+
+def _scale_table(schedule: Schedule, guidance_scale, use_dynamic_cfg: bool):
     n = schedule.num_steps
     if not use_dynamic_cfg:
         return jnp.full((n,), guidance_scale, jnp.float32)
@@ -64,7 +89,7 @@ def guidance_scales(schedule: Schedule, guidance_scale, use_dynamic_cfg: bool = 
     return 1.0 + jnp.asarray(guidance_scale, jnp.float32) * jnp.asarray(np.asarray(ramp, np.float32))
 
 
-def _check_guidance(g):
+def _check_guidance(g, name: str = "guidance_scale"):
     if isinstance(g, jax.core.Tracer):
         return
     try:
@@ -72,7 +97,7 @@ def _check_guidance(g):
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise UnlearnError(f"guidance_scale = {g!r} is invalid; expected a finite number")
+        raise UnlearnError(f"{name} = {g!r} is invalid; expected a finite number")
 
 
 def _check_shapes(noise, context, uncond_context, cfg: bool):
@@ -120,6 +145,8 @@ def sample(
     stop_after=None,
     key=None,
     step_noise=None,
+    guidance_scale_2=None,
+    boundary=None,
 ) -> SampleOutput:
     """Denoise `noise` (B, F, C, H, W) for `num_steps` steps, or only the first `stop_after`.
 
@@ -128,6 +155,9 @@ def sample(
         leaves may have batch 1 (broadcast).
         uncond_context is unused (may be None) when guidance_scale is a number <= 1.
     guidance_scale: a number (exact dynamic-CFG table) or a traced scalar.
+    guidance_scale_2, boundary: the scale of the steps whose timestep is < boundary (None: guidance_scale
+        throughout). Guidance runs (the unconditional pass) when guidance_scale says so, as WanPipeline
+        decides it from its first scale alone.
     stop_after: None (run every step) or an int / traced int32 scalar j in [0, num_steps]
         (clipped into that range when traced). No recompilation across j.
     key: PRNG key for stochastic schedulers (DPM): step i draws `normal(fold_in(key, i))`, so
@@ -150,6 +180,7 @@ def sample(
         raise TypeError(f"scheduler_cfg must be a SchedulerConfig or Schedule, got {type(scheduler_cfg).__name__}")
     noise = jnp.asarray(noise)
     _check_guidance(guidance_scale)
+    _check_second_scale(guidance_scale_2, boundary)
     cfg = uses_cfg(guidance_scale)
     _check_shapes(noise, context, uncond_context, cfg)
     B = noise.shape[0]
@@ -163,7 +194,7 @@ def sample(
 
     context = jax.tree.map(jnp.asarray, context)
     model_context = guided_context(context, uncond_context) if cfg else context
-    scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg) if cfg else None
+    scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg, guidance_scale_2, boundary) if cfg else None
     timesteps = jnp.asarray(schedule.timesteps)
 
     if stop_after is None:
@@ -211,17 +242,19 @@ def _guided_step(velocity_fn, schedule, timesteps, model_context, scales, cfg, B
 
 
 def sample_trajectory(velocity_fn: VelocityFn, schedule: Schedule, noise, context, uncond_context=None, *,
-                      guidance_scale=6.0, use_dynamic_cfg: bool = False, key=None) -> jax.Array:
+                      guidance_scale=6.0, use_dynamic_cfg: bool = False, key=None, guidance_scale_2=None,
+                      boundary=None) -> jax.Array:
     """Every intermediate latent of a full sampling run: (num_steps + 1, B, F, C, H, W), entry j being
     the latents after j steps (entry 0 the noise), i.e. what `sample(..., stop_after=j)` returns."""
     noise = jnp.asarray(noise)
+    _check_second_scale(guidance_scale_2, boundary)
     cfg = uses_cfg(guidance_scale)
     _check_shapes(noise, context, uncond_context, cfg)
     if schedule.needs_noise and key is None:
         raise ValueError(f"a {schedule.kind!r} sampler is stochastic: pass key=")
     context = jax.tree.map(jnp.asarray, context)
     model_context = guided_context(context, uncond_context) if cfg else context
-    scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg) if cfg else None
+    scales = guidance_scales(schedule, guidance_scale, use_dynamic_cfg, guidance_scale_2, boundary) if cfg else None
     body = _guided_step(velocity_fn, schedule, jnp.asarray(schedule.timesteps), model_context, scales, cfg,
                         noise.shape[0], key, None)
 
@@ -240,9 +273,11 @@ def make_sampler(
     num_steps: int,
     guidance_scale=6.0,
     use_dynamic_cfg: bool = False,
+    guidance_scale_2=None,
+    boundary=None,
 ) -> Callable[..., SampleOutput]:
     """A jitted `fn(noise, context, uncond_context=None, stop_after=None, key=None,
-    step_noise=None) -> SampleOutput` for a fixed model, scheduler, step count and scale.
+    step_noise=None) -> SampleOutput` for a fixed model, scheduler, step count and scale(s).
     Compiles once per input shapes and per presence of stop_after/key/step_noise; not per value
     of stop_after."""
     schedule = make_schedule(scheduler_cfg, num_steps)
@@ -251,7 +286,8 @@ def make_sampler(
     def run(noise, context, uncond_context=None, stop_after=None, key=None, step_noise=None):
         return sample(velocity_fn, schedule, noise, context, uncond_context, num_steps=num_steps,
                       guidance_scale=guidance_scale, use_dynamic_cfg=use_dynamic_cfg,
-                      stop_after=stop_after, key=key, step_noise=step_noise)
+                      stop_after=stop_after, key=key, step_noise=step_noise, guidance_scale_2=guidance_scale_2,
+                      boundary=boundary)
 
     return run
 

@@ -3,6 +3,12 @@
 state = TrainState(step, phi, opt_state, rng): the trainable eraser parameters (fp32) and Adam
 moments (fp32). The frozen base weights are a separate argument, never copied: "frozen model"
 means calling the same weights with the erasers off.
+
+A model of several experts that each serve a range of timesteps (Wan 2.2 A14B: `active_layers(t)`
+on its config) trains each expert's eraser rows on the steps it serves: the step's t picks the
+expert in every pass, and after the update the other expert's rows of phi and of the Adam moments
+are put back unchanged. The optimizer's step counter (Adam's bias correction) is shared: it counts
+the steps of both experts, so an expert's k-th update is bias-corrected as the run's n-th.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ class StepSettings:
 
     num_sampler_steps: int = 50  # J
     guidance_scale: float = 3.0  # g_s for sampling x_t
+    guidance_scale_2: float | None = None  # two-stage models: g_s below the boundary (None: guidance_scale)
     timestep_mode: str = "sampler"  # "sampler": t = the timestep x_t sits at; "esd_legacy": drawn in [j/J, (j+1)/J)*1000
     xt_source: str = "current"  # "current": sample x_t with the current erased model; "frozen_bank": given
     alpha_loc: float = 1.0
@@ -68,6 +75,18 @@ def init_state(phi, optimizer, seed: int) -> TrainState:
     return TrainState(jnp.zeros((), jnp.int32), phi, optimizer.init(phi), jax.random.key_data(jax.random.key(seed)))
 
 
+def keep_rows(optimizer, rows, phi, old_phi, opt_state, old_opt_state):
+    """(phi, opt_state) with the eraser rows (leading axis) where `rows` is False put back to their old values,
+    in phi and in every parameter-shaped part of the optimizer state (Adam's moments); counters stay new."""
+    masks = jax.tree.map(lambda p: rows.reshape(-1, *([1] * (p.ndim - 1))), old_phi)
+    phi = jax.tree.map(jnp.where, masks, phi, old_phi)
+    mask_state = optax.tree_map_params(optimizer, lambda _, m: m, old_opt_state, masks,
+                                        transform_non_params=lambda _: None)
+    opt_state = jax.tree.map(lambda m, new, old: new if m is None else jnp.where(m, new, old), mask_state,
+                             opt_state, old_opt_state, is_leaf=lambda x: x is None)
+    return phi, opt_state
+
+
 def _cat(a, b):
     """Two conditioning pytrees (or arrays) joined along the batch."""
     return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
@@ -90,6 +109,16 @@ class ErasureStep:
         self.eraser, self.schedule, self.s, self.optimizer = eraser, schedule, settings, optimizer
         self.latent_shape = tuple(latent_shape)
         self.grid = self.family.token_grid(model, self.latent_shape)
+        # two-stage models: the second guidance scale's boundary, and which eraser rows a timestep trains
+        self.boundary = self.family.guidance_boundary(self.model_cfg)
+        self.active_layers = getattr(self.model_cfg, "active_layers", None)
+
+    def guidance_2(self):
+        """The sampler's scale below the boundary (None for one-stage models)."""
+        if self.boundary is None:
+            return None
+        g2 = self.s.guidance_scale if self.s.guidance_scale_2 is None else self.s.guidance_scale_2
+        return self.family.cfg_scale(g2)
 
     # ---- the model as a pure function --------------------------------------------------------
     def velocity(self, base, phi, x, ctx, t, *, collect=False, concept_fn=None):
@@ -106,7 +135,8 @@ class ErasureStep:
             return self.velocity(base, phi, x, c, t)[0]
 
         out = sample(vel, self.schedule, noise, ctx, uncond, num_steps=self.s.num_sampler_steps,
-                     guidance_scale=self.family.cfg_scale(self.s.guidance_scale), stop_after=j, key=key)
+                     guidance_scale=self.family.cfg_scale(self.s.guidance_scale), stop_after=j, key=key,
+                     guidance_scale_2=self.guidance_2(), boundary=self.boundary)
         return jax.lax.stop_gradient(out.latents), out.timestep
 
     # ---- one step ----------------------------------------------------------------------------
@@ -175,6 +205,9 @@ class ErasureStep:
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.phi)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.phi)
         phi = optax.apply_updates(state.phi, updates)
+        if self.active_layers is not None:  # the expert that did not serve t keeps its rows and moments
+            phi, opt_state = keep_rows(self.optimizer, self.active_layers(t), phi, state.phi, opt_state,
+                                       state.opt_state)
         metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "t": jnp.asarray(t, jnp.float32),
                    "j": j}
         if masks is not None:

@@ -48,15 +48,42 @@ def build_wan_pipeline(folder, name: str = "wan21", seed: int = 0):
     return Path(folder), pipe
 
 
-def pipeline_frames(pipe, prompts, seeds, steps: int, guidance: float, negative: str = "") -> np.ndarray:
-    """What `WanPipeline(..., output_type="np")` returns, one call per video (its own generator each)."""
+def pipeline_frames(pipe, prompts, seeds, steps: int, guidance: float, negative: str = "",
+                    guidance_2: float | None = None) -> np.ndarray:
+    """What `WanPipeline(..., output_type="np")` returns, one call per video (its own generator each);
+    guidance_2: the two-expert pipeline's `guidance_scale_2`."""
     import torch
 
+    second = {} if guidance_2 is None else {"guidance_scale_2": guidance_2}
     out = []
     for p, s in zip(prompts, seeds):
         with torch.no_grad():
             r = pipe(prompt=p, negative_prompt=negative, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
                      num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-                     generator=torch.Generator("cpu").manual_seed(s))
+                     generator=torch.Generator("cpu").manual_seed(s), **second)
         out.append(np.asarray(r.frames[0], np.float32))
     return np.stack(out)
+
+
+def build_wan_a14b_pipeline(folder, boundary_ratio: float = 0.875, seed: int = 0):
+    """A tiny two-expert WanPipeline folder (Wan 2.2 T2V-A14B's layout: transformer/ the high-noise expert,
+    transformer_2/ the low-noise one, `boundary_ratio` in model_index.json, the A14B scheduler config); returns
+    (folder, the diffusers WanPipeline of the same parts)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    import helpers_wan
+
+    folder, one = build_wan_pipeline(folder, "wan21", seed=seed)
+    config = {k: v for k, v in one.transformer.config.items() if not k.startswith("_")}
+    low = helpers_wan.build_torch(config, seed=seed + 7)
+    low.save_pretrained(folder / "transformer_2")
+    sched_cfg = json.loads((MODEL_CONFIGS / "wan22_scheduler.json").read_text())
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched_cfg))
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "boundary_ratio": boundary_ratio,
+                                                         "transformer_2": ["diffusers", "WanTransformer3DModel"]}))
+    pipe = WanPipeline(tokenizer=one.tokenizer, text_encoder=one.text_encoder, transformer=one.transformer,
+                       transformer_2=low, vae=one.vae, scheduler=UniPCMultistepScheduler.from_config(sched_cfg),
+                       boundary_ratio=boundary_ratio)
+    pipe.set_progress_bar_config(disable=True)
+    return Path(folder), pipe

@@ -47,6 +47,9 @@ class EraserSite:
     torch_lora_modules: Mapping[str, str]
     torch_output: str = "tuple_first"
     lora_prefix: str = "transformer"
+    # the eraser kinds the model takes, and why others are not (the one-line refusal's reason)
+    kinds: tuple[str, ...] = ("adapter", "lora", "attn", "full")
+    kinds_reason: str = ""
 
     @property
     def published_prefix(self) -> str:
@@ -118,6 +121,15 @@ class TextSide:
         prompt's concept phrase."""
         raise NotImplementedError
 
+    def token_encoder(self, dtype=None):
+        """Optional, for the token-level red-team attacks (`attacks.tokens`, `attacks.ring_a_bell`): an
+        object with `ids(prompts)`, `length(ids)`, `allowed`, `vocab_size`, `decode(tokens)` and a
+        differentiable `encode(weights (N, L, V)) -> conditioning` (see `text_encoding.TokenEncoder`)."""
+        from unlearn_jax.errors import UnlearnError
+
+        raise UnlearnError(f"{type(self).__name__}: token-level attacks are not available for this text side "
+                           "(the soft attack is)")
+
 
 class Family:
     """A model family. Subclasses set the class attributes and implement the methods."""
@@ -138,6 +150,17 @@ class Family:
     def check_folder(self, root: Path) -> None:
         """Refuses (one line) a pipeline folder of this family that the project cannot use as a whole
         (another task's pipeline, a missing part). Nothing to check by default."""
+
+    def pipeline_transformer_config(self, root: Path, read_one):
+        """The transformer config object of a pipeline folder; `read_one(folder)` reads one transformer
+        folder's. Default: its transformer/ (a family whose pipeline holds several transformers, such as
+        Wan 2.2 A14B's two experts, returns a config object covering all of them)."""
+        return read_one(Path(root) / "transformer")
+
+    def load_pipeline_transformer(self, root: Path, load_one):
+        """The model of a pipeline folder; `load_one(folder)` loads one transformer folder (with the
+        caller's dtype, mesh and runtime). Default: its transformer/."""
+        return load_one(Path(root) / "transformer")
 
     # ---- the transformer -------------------------------------------------------------------
     def recognises(self, config: Mapping) -> bool:
@@ -230,6 +253,11 @@ class Family:
         [uncond; cond] pass ("cfg"); a family whose model takes the guidance as an embedding writes
         the scale into its conditioning (works on numpy and traced arrays)."""
         return cond
+
+    def guidance_boundary(self, model_cfg) -> float | None:
+        """The timestep below which the pipeline guides with its second scale (`guidance_scale_2`), or
+        None where one scale serves every step (the default). Wan 2.2 A14B: its expert boundary."""
+        return None
 
     def cfg_scale(self, guidance_scale, true_cfg_scale=1.0):
         """The classifier-free scale the sampler batches [uncond; cond] passes with: the guidance scale

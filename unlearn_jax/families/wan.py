@@ -14,8 +14,12 @@ What is Wan's, as the core needs it:
   text keys, after its q/k norms, as the model's softmax sees them); LoRA on `attn1`'s projections,
   in the keys `WanPipeline.load_lora_weights` reads.
 
-The two-expert Wan 2.2 T2V-A14B (a second transformer below a boundary timestep) and the
-image-to-video pipelines are refused with one line (`check_folder`).
+The two-expert Wan 2.2 T2V-A14B (`transformer_2` and `boundary_ratio` in model_index.json) loads
+as one `models.wan_experts.WanExperts`: the high-noise expert at timesteps >= boundary_ratio *
+num_train_timesteps, the low-noise one below, each with its own guidance scale (the pipeline's
+`guidance_scale` / `guidance_scale_2`). Its erasers are 2 x num_layers rows (the high expert's
+first), adapters or LoRA (attn / full erasers would fine-tune both experts' blocks through one
+stack and are refused). Image-to-video pipelines are refused with one line (`check_folder`).
 """
 from __future__ import annotations
 
@@ -27,7 +31,49 @@ from unlearn_jax.families.base import EraserSite, Family, SamplerDefaults, Video
 CLASS_NAME = "WanTransformer3DModel"
 LORA_MODULES = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH = 81, 480, 832  # WanPipeline.__call__'s defaults
+# the two-expert pipeline's components, in eraser-row order: the high-noise expert, then the low-noise one
+EXPERTS = ("transformer", "transformer_2")
 IMAGE_TO_VIDEO = ("WanImageToVideoPipeline", "WanVACEPipeline", "WanVideoToVideoPipeline", "WanAnimatePipeline")
+
+
+def _two_experts(root: Path) -> float | None:
+    """The boundary_ratio of a two-expert pipeline folder (transformer_2 named in model_index.json and a
+    boundary set), else None: without a boundary WanPipeline never calls transformer_2."""
+    from unlearn_jax.jsonfiles import read_json_object
+
+    index = Path(root) / "model_index.json"
+    if not index.is_file():
+        return None
+    d = read_json_object(index, "pipeline index")
+    entry = d.get("transformer_2")
+    if not (isinstance(entry, list) and len(entry) == 2 and entry[1] is not None):
+        return None
+    ratio = d.get("boundary_ratio")
+    if ratio is None:
+        return None
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ModelFamilyError(f"{index}: boundary_ratio = {ratio!r} must be a number in (0, 1) (the share of the "
+                               "timesteps above which transformer/ runs)")
+    return float(ratio)
+
+
+def _num_train_timesteps(root: Path) -> int:
+    """The scheduler's num_train_timesteps (the boundary's scale); 1000, diffusers' default, without one."""
+    from unlearn_jax.jsonfiles import read_json_object
+
+    path = Path(root) / "scheduler" / "scheduler_config.json"
+    if not path.is_file():
+        return 1000
+    n = read_json_object(path, "scheduler config").get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ModelFamilyError(f"{path}: num_train_timesteps = {n!r} must be an integer >= 2")
+    return n
+
+
+def _is_experts(cfg) -> bool:
+    from unlearn_jax.models.wan_experts import WanExpertsConfig
+
+    return isinstance(cfg, WanExpertsConfig)
 
 
 def _positive(name: str, value) -> int:
@@ -57,12 +103,29 @@ class WanFamily(Family):
         if d.get("_class_name") in IMAGE_TO_VIDEO:
             raise ModelFamilyError(f"{root}: a {d['_class_name']} folder; only Wan's text-to-video pipelines "
                                    "(WanPipeline) are supported")
-        entry = d.get("transformer_2")
-        if isinstance(entry, list) and len(entry) == 2 and entry[1] is not None:
-            what = "its transformer_2/ folder is missing" if not (Path(root) / "transformer_2").is_dir() else \
-                "erasure and sampling of the two-expert Wan 2.2 A14B are not supported yet"
+        ratio = _two_experts(root)
+        if ratio is not None and not (Path(root) / "transformer_2").is_dir():
             raise ModelFamilyError(f"{root}: a two-expert Wan pipeline (transformer + transformer_2, boundary_ratio "
-                                   f"{d.get('boundary_ratio')}); {what}")
+                                   f"{ratio}); its transformer_2/ folder is missing")
+
+    def pipeline_transformer_config(self, root: Path, read_one):
+        ratio = _two_experts(root)
+        if ratio is None:
+            return read_one(Path(root) / "transformer")
+        from unlearn_jax.models.wan_experts import HIGH, LOW, WanExpertsConfig
+
+        self.check_folder(root)
+        return WanExpertsConfig(read_one(Path(root) / HIGH), read_one(Path(root) / LOW), ratio,
+                                _num_train_timesteps(root))
+
+    def load_pipeline_transformer(self, root: Path, load_one):
+        ratio = _two_experts(root)
+        if ratio is None:
+            return load_one(Path(root) / "transformer")
+        from unlearn_jax.models.wan_experts import HIGH, LOW, WanExperts
+
+        self.check_folder(root)
+        return WanExperts(load_one(Path(root) / HIGH), load_one(Path(root) / LOW), ratio, _num_train_timesteps(root))
 
     # ---- the transformer -------------------------------------------------------------------
     def recognises(self, config) -> bool:
@@ -71,11 +134,15 @@ class WanFamily(Family):
     def owns(self, config) -> bool:
         from unlearn_jax.models.wan import WanConfig
 
-        return isinstance(config, WanConfig)
+        return isinstance(config, WanConfig) or _is_experts(config)
 
     def transformer_config(self, d, where: str = "config"):
+        """One transformer's config.json, or both experts' (`WanExpertsConfig.to_dict`'s shape)."""
         from unlearn_jax.models.wan import WanConfig
+        from unlearn_jax.models.wan_experts import WanExpertsConfig
 
+        if WanExpertsConfig.is_experts_dict(dict(d)):
+            return WanExpertsConfig.from_dict(dict(d), where, self.transformer_config)
         cfg = WanConfig.from_dict(dict(d), where)
         if cfg.in_channels == 2 * cfg.out_channels + 4:  # I2V: noise + image latents + a 4-channel frame mask
             raise ModelFamilyError(f"{where}: in_channels {cfg.in_channels} = 2 x {cfg.out_channels} + 4, the input "
@@ -83,11 +150,19 @@ class WanFamily(Family):
         return cfg
 
     def abstract_transformer(self, cfg, **runtime):
+        if _is_experts(cfg):
+            from unlearn_jax.models.wan_experts import abstract_experts
+
+            return abstract_experts(cfg, **runtime)
         from unlearn_jax.models.wan import abstract_model
 
         return abstract_model(cfg, **runtime)
 
     def build_transformer(self, cfg, seed: int = 0, **runtime):
+        if _is_experts(cfg):
+            from unlearn_jax.models.wan_experts import build_experts
+
+            return build_experts(cfg, seed, **runtime)
         from flax import nnx
 
         from unlearn_jax.models.wan import WanTransformer
@@ -95,6 +170,9 @@ class WanFamily(Family):
         return WanTransformer(cfg, rngs=nnx.Rngs(seed), **runtime)
 
     def transformer_rules(self, cfg):
+        if _is_experts(cfg):  # each expert is its own diffusers folder, with its own table
+            raise UnlearnError("the two Wan experts are two diffusers transformers: take the rule table of each "
+                               "(model.experts())")
         from unlearn_jax.models.wan import rule_table
 
         return rule_table(cfg)
@@ -104,6 +182,13 @@ class WanFamily(Family):
         return model.token_grid(f, h, w)
 
     def eraser_site_from_dict(self, config) -> EraserSite:
+        if isinstance(config.get(EXPERTS[1]), dict):  # both experts: one stack of 2 x num_layers rows, high first
+            import dataclasses
+
+            one = self.eraser_site_from_dict(config[EXPERTS[0]])
+            return dataclasses.replace(one, num_layers=2 * one.num_layers, kinds=("adapter", "lora"),
+                                       kinds_reason="the two-expert Wan 2.2 A14B takes adapter or lora erasers "
+                                                    "(attn / full erasers would copy both experts' blocks)")
         d = int(config.get("num_attention_heads", 40)) * int(config.get("attention_head_dim", 128))
         return EraserSite(stack="blocks", num_layers=int(config.get("num_layers", 40)), dim=d, attention="attn1",
                           lora_targets={t: (d, d) for t in LORA_MODULES}, torch_blocks="blocks",
@@ -185,6 +270,9 @@ class WanFamily(Family):
         return "float32"  # WanPipeline draws its latents in float32 whatever the model's dtype
 
     # ---- sampling ----------------------------------------------------------------------------
+    def guidance_boundary(self, model_cfg) -> float | None:
+        return model_cfg.boundary if _is_experts(model_cfg) else None
+
     def sampler_defaults(self, model_cfg) -> SamplerDefaults:
         return SamplerDefaults("unipc", 50, 5.0, dynamic_cfg=False)
 

@@ -12,9 +12,15 @@ and the children.
 Reads our eraser folders (`eraser_config.json` + `erasers.safetensors`) and the published format
 (`eraser_config.json` + `eraser_weights.pt`, or the same tensors as `eraser_weights.safetensors`);
 `.pt` files only with `torch.load(..., weights_only=True)`. Never imports JAX.
+
+A pipeline with several experts (Wan 2.2 A14B's `transformer` and `transformer_2`) takes erasers for
+all of them at once: our folder (its `experts` field; the rows of each expert in order) or a folder
+holding one eraser folder per expert (`transformer/`, `transformer_2/`, as our published-format export
+writes); each expert gets its own rows. `detach_erasers(pipe)` removes them from every expert.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pickle
@@ -215,6 +221,9 @@ def _family_of(obj):
     return None
 
 
+EXPERT_COMPONENTS = ("transformer", "transformer_2")  # a pipeline's experts, in eraser-row order
+
+
 def _transformer_of(obj):
     """(transformer, its family) of a diffusers transformer or a pipeline holding one."""
     fam = _family_of(obj)
@@ -227,19 +236,127 @@ def _transformer_of(obj):
                            f"({families.REGISTRY.supported()}) nor a pipeline holding one")
 
 
+def _transformers_of(obj) -> dict:
+    """Component name -> transformer: every expert of a pipeline that has several (a `transformer_2` that is
+    not None), else {"transformer": the one transformer}."""
+    first, _ = _transformer_of(obj)
+    if first is obj:
+        return {"transformer": obj}
+    out = {}
+    for name in EXPERT_COMPONENTS:
+        inner = getattr(obj, name, None)
+        if inner is not None and _family_of(inner) is not None:
+            out[name] = inner
+    return out
+
+
+def _expert_layout(eraser_dir) -> list[tuple[str, int]] | None:
+    """[(component, rows)] of our eraser folder for several experts (its `experts` field), else None."""
+    path = Path(eraser_dir)
+    try:
+        raw = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None  # read_eraser_folder says what is wrong with it
+    names, rows = (raw.get("experts"), raw.get("expert_layers")) if isinstance(raw, dict) else (None, None)
+    if not names:
+        return None
+    if not isinstance(rows, list) or len(rows) != len(names):
+        raise UnlearnError(f"{path / CONFIG_NAME}: experts {names} without expert_layers (the rows of each)")
+    return list(zip(names, rows))
+
+
+def _per_expert_folders(eraser_dir) -> list[str] | None:
+    """The components of a folder holding one eraser folder per expert (none of its own), else None."""
+    path = Path(eraser_dir)
+    if not path.is_dir() or (path / CONFIG_NAME).exists():
+        return None
+    found = [n for n in EXPERT_COMPONENTS if (path / n / CONFIG_NAME).is_file()]
+    return found or None
+
+
+def _expert_modules(modules: dict, site: EraserSite, start: int, rows: int) -> dict:
+    """The modules of rows [start, start + rows) of a stacked folder, renumbered from 0 for one expert."""
+    key = re.compile(rf"^{re.escape(site.torch_blocks)}\.(\d+)\.")
+    out = {}
+    for name, sd in modules.items():
+        m = key.match(name)
+        i = int(m.group(1)) if m else -1
+        if start <= i < start + rows:
+            out[f"{site.torch_blocks}.{i - start}.{name[m.end():]}"] = sd
+    return out
+
+
 def attach_erasers(transformer, eraser_dir, scale: float | None = None):
     """Makes a stock diffusers transformer (or a pipeline's) run the erased model.
 
-    eraser_dir: an unlearn-jax eraser folder (adapter or LoRA erasers) or a published T2VUnlearning one.
+    eraser_dir: an unlearn-jax eraser folder (adapter or LoRA erasers) or a published T2VUnlearning one;
+    for a pipeline with several experts (Wan 2.2 A14B), erasers for all of them (our folder of a two-expert
+    model, or a folder with one eraser folder per expert), each expert getting its own.
     scale: the eraser scale; None uses the folder's (1.0 for the published format), 0 switches them off.
-    The erasers take the dtype and device of the blocks' weights. Returns the transformer.
+    The erasers take the dtype and device of the blocks' weights. Returns the transformer (the pipeline,
+    where erasers went into several experts).
     """
-    transformer, family = _transformer_of(transformer)
-    if getattr(transformer, _STATE, None):
-        raise UnlearnError("erasers are already attached to this transformer; call detach_erasers first")
-    site = family.eraser_site_from_dict(dict(transformer.config))
-    cfg, modules = read_eraser_folder(eraser_dir, site)
+    targets = _transformers_of(transformer)
+    for name, t in targets.items():
+        if getattr(t, _STATE, None):
+            raise UnlearnError(f"erasers are already attached to {name}; call detach_erasers first")
+    layout, per_expert = _expert_layout(eraser_dir), _per_expert_folders(eraser_dir)
+    several = layout or per_expert
+    if len(targets) > 1 and not several:
+        raise UnlearnError(f"{eraser_dir}: erasers for one transformer, but the pipeline has the experts "
+                           f"{', '.join(targets)}: attach them to one of them (attach_erasers(pipe.transformer, "
+                           "...)) or give erasers trained on both")
+    if several and len(targets) == 1:
+        raise UnlearnError(f"{eraser_dir}: erasers for the experts "
+                           f"{', '.join(n for n, _ in layout) if layout else ', '.join(per_expert)} of a two-expert "
+                           "pipeline: pass that pipeline (it holds transformer and transformer_2)")
+    if not several:
+        (name, t), = targets.items()
+        family = _family_of(t)
+        site = family.eraser_site_from_dict(dict(t.config))
+        cfg, modules = read_eraser_folder(eraser_dir, site)
+        return _attach(t, site, cfg, modules, Path(eraser_dir), scale)
+    plan = _expert_plan(targets, eraser_dir, layout, per_expert)
+    done = []
+    try:
+        for t, site, cfg, modules, where in plan:
+            _attach(t, site, cfg, modules, where, scale)
+            done.append(t)
+    except BaseException:
+        for t in done:
+            detach_erasers(t)
+        raise
+    return transformer
+
+
+def _expert_plan(targets: dict, eraser_dir, layout, per_expert) -> list:
+    """(transformer, site, config, its modules, where) for each expert of a pipeline."""
     where = Path(eraser_dir)
+    names = [n for n, _ in layout] if layout else per_expert
+    if list(names) != list(targets):
+        raise ModelFamilyError(f"{where}: erasers for the experts {', '.join(names)}, but the pipeline has "
+                               f"{', '.join(targets)}")
+    sites = {n: _family_of(t).eraser_site_from_dict(dict(t.config)) for n, t in targets.items()}
+    if per_expert:
+        plan = []
+        for n, t in targets.items():
+            cfg, modules = read_eraser_folder(where / n, sites[n])
+            plan.append((t, sites[n], cfg, modules, where / n))
+        return plan
+    first = sites[names[0]]
+    total = sum(rows for _, rows in layout)
+    stacked = dataclasses.replace(first, num_layers=total)
+    cfg, modules = read_eraser_folder(where, stacked)
+    plan, start = [], 0
+    for n, rows in layout:
+        one = dict(cfg, num_layers=rows)
+        plan.append((targets[n], sites[n], one, _expert_modules(modules, sites[n], start, rows), where))
+        start += rows
+    return plan
+
+
+def _attach(transformer, site: EraserSite, cfg: dict, modules: dict, where: Path, scale):
+    """Attaches one transformer's erasers (its modules in PyTorch layout, named for its `site`)."""
     blocks = transformer.get_submodule(site.torch_blocks)
     L = len(blocks)
     attn0 = blocks[0].get_submodule(site.torch_attention)
@@ -311,14 +428,17 @@ def attach_erasers(transformer, eraser_dir, scale: float | None = None):
             handle.remove()
             delattr(parent, child)
         raise
-    setattr(transformer, _STATE, {"entries": made, "kind": kind, "source": str(eraser_dir)})
+    setattr(transformer, _STATE, {"entries": made, "kind": kind, "source": str(where)})
     return transformer
 
 
 def attached_erasers(transformer) -> list[nn.Module]:
-    """The eraser modules attached to a transformer (empty if none)."""
-    state = getattr(_transformer_of(transformer)[0], _STATE, None) or {"entries": []}
-    return [getattr(parent, child) for parent, child, _ in state["entries"]]
+    """The eraser modules attached to a transformer, or to every expert of a pipeline (empty if none)."""
+    out = []
+    for t in _transformers_of(transformer).values():
+        state = getattr(t, _STATE, None) or {"entries": []}
+        out += [getattr(parent, child) for parent, child, _ in state["entries"]]
+    return out
 
 
 def set_eraser_scale(transformer, scale: float):
@@ -332,13 +452,14 @@ def set_eraser_scale(transformer, scale: float):
 
 
 def detach_erasers(transformer):
-    """Removes the attached erasers (hooks and modules): the transformer is the stock model again."""
-    transformer = _transformer_of(transformer)[0]
-    state = getattr(transformer, _STATE, None)
-    if state:
-        for parent, child, handle in state["entries"]:
-            handle.remove()
-            delattr(parent, child)
-    if hasattr(transformer, _STATE):
-        delattr(transformer, _STATE)
+    """Removes the attached erasers (hooks and modules) from a transformer or every expert of a pipeline:
+    the stock model again. Returns what it was given."""
+    for t in _transformers_of(transformer).values():
+        state = getattr(t, _STATE, None)
+        if state:
+            for parent, child, handle in state["entries"]:
+                handle.remove()
+                delattr(parent, child)
+        if hasattr(t, _STATE):
+            delattr(t, _STATE)
     return transformer
