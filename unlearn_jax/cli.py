@@ -7,7 +7,7 @@ import sys
 
 # Modules that provide `register(subparsers)`; a module that is not installed yet is skipped.
 _SUBCOMMAND_MODULES = ("unlearn_jax.erase_cli", "unlearn_jax.demo", "unlearn_jax.prompts_cli", "unlearn_jax.sample_cli",
-                       "unlearn_jax.eval_cli")
+                       "unlearn_jax.eval_cli", "unlearn_jax.attack_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

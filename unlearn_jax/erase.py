@@ -21,7 +21,19 @@ from unlearn_jax.atomic import atomic_file
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.families.base import take_rows
 
-LOGGED = ("loss", "loss_unlearn", "loss_loc", "loss_pre", "grad_norm", "t", "j", "mask_fraction")
+LOGGED = ("loss", "loss_unlearn", "loss_loc", "loss_pre", "grad_norm", "t", "j", "mask_fraction",
+          "adversarial", "loss_adv", "attack_start", "attack_loss")  # the last four: config.robust runs
+
+
+def robust_cost(history) -> dict:
+    """Mean seconds of the adversarial and of the plain steps of this process's records (the first step of
+    the run, which compiles, left out): what config.robust costs per step."""
+    recs = history[1:]
+    out = {}
+    for name, flag in (("adversarial_step_s", 1), ("plain_step_s", 0)):
+        secs = [r["seconds"] for r in recs if r.get("adversarial") == flag]
+        out[name] = round(sum(secs) / len(secs), 4) if secs else None
+    return out
 
 
 class NonFiniteLoss(UnlearnError):
@@ -201,6 +213,8 @@ class Run:
             timestep_mode=cfg.sampler.timestep_mode, xt_source=cfg.sampler.xt_source,
             alpha_loc=cfg.erase.alpha_loc, beta_pre=cfg.erase.beta_pre if self.data.has_preservation else 0.0,
             mask_threshold=cfg.erase.mask_threshold, mask_mode=cfg.erase.mask_mode,
+            robust_every=cfg.robust.every, robust_steps=cfg.robust.steps, robust_lr=cfg.robust.learning_rate,
+            robust_weight=cfg.robust.weight,
             mask_key_chunk=cfg.erase.mask_key_chunk, grad_clip=cfg.train.grad_clip)
         if cfg.sampler.kind is None:  # resolved here, so config.json records the sampler the run used
             cfg.sampler.kind = families.of_model(self.model).training_sampler(self.model.config)
@@ -452,6 +466,8 @@ class Run:
                 signal.signal(signal.SIGTERM, old_handler)
             mngr.close()
         summary = {"status": status, "step": step, "workdir": str(self.workdir)}
+        if cfg.robust.every:
+            summary["robust_cost"] = robust_cost(history)
         self.plot(history)  # every process joins the mask computation; the main one writes
         if status == "completed" and step >= cfg.train.num_steps:
             phi = _gather(self.state.phi)  # collective: every process takes part

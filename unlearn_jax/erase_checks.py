@@ -40,6 +40,7 @@ TRAJECTORY_FIELDS = (
     "eraser",
     "train.batch_size", "train.learning_rate", "train.adam_b1", "train.adam_b2", "train.adam_eps",
     "train.weight_decay", "train.grad_clip",
+    "robust",
 )
 
 # Every other field, and why a resumed run may change it.
@@ -204,6 +205,11 @@ def rules(ch: Mapping[str, tuple] | None = None) -> dict[str, Callable]:
         "train.adam_eps": number(0, lo_open=True),
         "train.weight_decay": number(0),
         "train.grad_clip": number(note=" (<= 0 turns clipping off)"),
+        "robust.every": integer(0, note=" (0 turns adversarial erasure off)"),
+        "robust.method": choice(("soft",), " (the inner attack)"),
+        "robust.steps": integer(1),
+        "robust.learning_rate": number(0, lo_open=True),
+        "robust.weight": number(0),
         "train.log_every": integer(1),
         "train.checkpoint_every": integer(1),
         "train.keep_checkpoints": integer(1),

@@ -75,6 +75,18 @@ def default_config() -> ConfigDict:
     c.train.checkpoint_every = 100
     c.train.keep_checkpoints = 2
 
+    # Adversarial erasure (AdvUnlearn / Receler style; docs/METHOD.md §10): every `every` steps (0: off) an
+    # inner soft attack (`steps` Adam steps of lr `learning_rate` on the step's prompt embeddings) finds the
+    # conditioning that makes the erased model predict the concept again at the step's x_t, and the step
+    # also trains the negative target on it (weight `weight`). Its cost shows in metrics.jsonl ("seconds" of
+    # the steps with "adversarial": 1).
+    c.robust = ConfigDict()
+    c.robust.every = 0
+    c.robust.method = "soft"  # the inner attack (soft only: a discrete search does not fit in the jitted step)
+    c.robust.steps = 5
+    c.robust.learning_rate = 0.05
+    c.robust.weight = 1.0
+
     c.mesh = ConfigDict()
     # -1: the remaining devices. FSDP over all devices by default: the published runs use batch 1,
     # so the weights are split and the batch is replicated (set data > 1 for batch > 1).

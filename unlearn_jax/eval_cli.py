@@ -71,6 +71,9 @@ def register(sub):
     t.add_argument("--n", type=int, default=64, help="prompts per concept and synonym split (default 64)")
     t.add_argument("--erased-concepts", nargs="*", default=[],
                    help="toy concepts the erasers remove (colour:red ...): judged <= 10%%, kept out of other prompts")
+    p.add_argument("--attacks", nargs="*", default=[],
+                   help="folders written by `unlearn-jax attack` on the same --model and --erasers: their success "
+                        "rates join the table")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_main)
 
@@ -84,6 +87,11 @@ def _main(a) -> int:
     for name, v in (("--n", a.n), ("--batch-size", a.batch_size), ("--steps", a.steps), ("--limit", a.limit)):
         if v is not None and v < 1:
             raise UnlearnError(f"{name} must be >= 1, got {v}")
+    from unlearn_jax.attacks.report import load_attacks
+
+    if a.attacks and a.erasers is None:
+        raise UnlearnError("--attacks needs --erasers (the erased model they attacked)")
+    a.attack_results = load_attacks(a.attacks, model, a.erasers)  # checked before anything is generated
     if not a.prompts:
         if not (model / "toy_world.json").is_file():
             raise UnlearnError(f"{model} is not a toy-world pipeline: name the prompt sets to evaluate with --prompts "
@@ -121,6 +129,11 @@ def _toy(a, model: Path) -> int:
         result = {"model": str(model), "erasers": a.erasers, "original": base, "erased": erased,
                   "comparison": both["comparison"]}
         table = E.format_comparison(both["comparison"])
+        if a.attack_results:
+            from unlearn_jax.attacks.report import attack_table
+
+            result["attacks"] = [{k: v for k, v in r.items() if k != "prompts"} for r in a.attack_results]
+            table = f"{table}\n\n{attack_table(a.attack_results)}"
     E.write_results(out / "toy_eval.json", out / "toy_eval.md", result, table)
     first = [i for i, it in enumerate(base["items"]) if it["index"] == 0 and it["split"] == "train"]
     rows = np.concatenate([videos[k][first][:, None] for k in videos], axis=1).reshape(-1, *videos["original"].shape[1:])
@@ -185,6 +198,15 @@ def _prompt_sets(a, model: Path) -> int:
     evaluate_prompt_sets({k: fn(g) for k, g in gens.items()}, sets, metrics, a.out_dir, batch_size=a.batch_size,
                          settings=settings, on_videos=on_videos)
     print(f"wrote {Path(a.out_dir) / 'summary.json'}, per_frame.csv, comparison.md, contact_sheet.png")
+    if a.attack_results:
+        from unlearn_jax.atomic import atomic_file
+        from unlearn_jax.attacks.report import attack_table
+
+        table = attack_table(a.attack_results)
+        with atomic_file(Path(a.out_dir) / "attacks.md", "w") as f:
+            f.write(table + "\n")
+        print(table)
+        print(f"wrote {Path(a.out_dir) / 'attacks.md'}")
     return 0
 
 

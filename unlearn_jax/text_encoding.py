@@ -143,7 +143,7 @@ class LoadedEncoder:
         self.dtype = _dtype(dtype)
         self.mesh = mesh
         model = load_text_encoder(enc, dtype=self.dtype, mesh=mesh)
-        self.d_model = model.config.d_model
+        self.d_model, self.vocab_size = model.config.d_model, model.config.vocab_size
         self.graphdef, self.state = nnx.split(model)
         graphdef = self.graphdef
 
@@ -307,6 +307,59 @@ class T5Text(TextSide):
 
         return concept_token_mask(self.tokenizer, list(prompts), phrases, self.max_length, fallback=fallback)
 
+    def token_encoder(self, dtype=None) -> "TokenEncoder":
+        """This text side as a differentiable function of its tokens (red-team attacks)."""
+        return TokenEncoder(self, dtype=dtype, masked=False)
+
+
+class TokenEncoder:
+    """A T5 text side as a function of (relaxed) tokens: `encode(weights (N, L, V)) -> conditioning`, equal
+    to the text side's `encode` for one-hot weights of its own token ids; differentiable in the weights.
+
+    masked=False: CogVideoX's pipeline (no attention mask, padding takes part); True: Wan's (the mask, the
+    states zeroed after each prompt's length)."""
+
+    def __init__(self, text: "T5Text", dtype=None, masked: bool = False):
+        enc = (DEFAULT_CACHE if text.cache is None else text.cache).get(text.pipeline_dir, dtype=dtype)
+        self.text, self.tokenizer, self.masked = text, enc.tokenizer, masked
+        self.max_length, self.vocab_size = text.max_length, enc.vocab_size
+        self._graphdef, self._state = enc.graphdef, enc.state
+        specials = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        self.eos_id = self.tokenizer.eos_token_id
+        # the tokens an attack may choose: the tokenizer's own vocabulary (the checkpoint's embedding table
+        # can be larger), no special tokens, and with a SentencePiece vocabulary only word-initial pieces
+        # ("▁word"): a prompt typed from those tokenizes back to the same tokens, where a lone "n" or "g"
+        # piece would join its neighbour
+        n = min(self.vocab_size, len(self.tokenizer))
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(n)))
+        words = [i for i, t in enumerate(pieces) if i not in specials and isinstance(t, str) and t.startswith("▁")
+                 and len(t) > 1]
+        self.allowed = np.asarray(words or [i for i in range(n) if i not in specials], np.int32)
+
+    def ids(self, prompts) -> np.ndarray:
+        """(N, L) int32: the prompts tokenized as the pipeline does."""
+        prompts = [wan_prompt_clean(p) for p in prompts] if self.masked else list(prompts)
+        return tokenize_prompts(self.tokenizer, prompts, self.max_length)
+
+    def length(self, ids) -> np.ndarray:
+        """(N,) the tokens before each row's end token (where adversarial tokens are inserted)."""
+        ids = np.asarray(ids)
+        is_eos = ids == self.eos_id
+        return np.where(is_eos.any(1), is_eos.argmax(1), ids.shape[1]).astype(np.int32)
+
+    def decode(self, tokens) -> str:
+        return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True).strip()
+
+    def encode(self, weights):
+        """weights (N, L, V) float (one-hot rows give the text side's own embeddings) -> (N, L, D) float32."""
+        model = nnx.merge(self._graphdef, self._state)
+        if not self.masked:
+            return model(None, None, token_weights=weights)
+        ids = jnp.argmax(weights, -1)
+        mask = jnp.cumsum((ids == self.eos_id).astype(jnp.int32), axis=1) - (ids == self.eos_id) == 0  # up to EOS
+        out = model(None, mask, token_weights=weights)
+        return jnp.where(mask[..., None], out, 0.0)
+
 
 # --------------------------------------------------------------------------------------------
 # Wan's text side: UMT5 with the attention mask, embeddings cut at each prompt's length
@@ -386,6 +439,11 @@ class WanT5Text(T5Text):
         # a tag of its own: the same encoder gives other embeddings than CogVideoX's unmasked path
         return hashlib.sha256(b"wan-umt5-masked|" + encoder_fingerprint(self.pipeline_dir, self.max_length,
                                                                          dtype=dtype).encode()).hexdigest()
+
+    def token_encoder(self, dtype=None) -> "TokenEncoder":
+        # the mask is each prompt's tokens through its end token (right padding); the pipeline's prompt
+        # cleaning is applied to a prompt's text, so attack prompts are cleaned before they are tokenized
+        return TokenEncoder(self, dtype=dtype, masked=True)
 
     def concept_mask(self, prompts, phrases, fallback: str = "all") -> np.ndarray:
         phrases = [phrases] if isinstance(phrases, str) else list(phrases)

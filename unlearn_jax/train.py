@@ -46,6 +46,14 @@ class StepSettings:
     mask_mode: str = "per_layer"
     mask_key_chunk: int = 1024
     grad_clip: float = 1.0  # global-norm clip; <= 0 disables
+    # adversarial erasure (config.robust): every `robust_every` steps (0: never) an inner soft attack of
+    # `robust_steps` Adam steps (lr `robust_lr`) finds the conditioning that makes the erased model predict
+    # the frozen model's concept velocity at the step's x_t, and the step also trains the negative target on
+    # it, weighted `robust_weight`
+    robust_every: int = 0
+    robust_steps: int = 5
+    robust_lr: float = 0.05
+    robust_weight: float = 1.0
 
     def __post_init__(self):
         from unlearn_jax.errors import UnlearnError
@@ -139,6 +147,44 @@ class ErasureStep:
                      guidance_scale_2=self.guidance_2(), boundary=self.boundary)
         return jax.lax.stop_gradient(out.latents), out.timestep
 
+    # ---- adversarial erasure: the inner attack ------------------------------------------------
+    def adversarial_ctx(self, base, phi, x_t, t, ctx, v_concept):
+        """(conditioning, loss at the start, loss reached): `robust_steps` Adam steps on the floating leaves of
+        `ctx` (the family's guidance input re-applied after each) toward the erased model predicting
+        `v_concept` (the frozen model's velocity for the concept's prompt) at (x_t, t): the soft attack of
+        `attacks.soft`, inside the step, from the batch's own prompt."""
+        s = self.s
+        floating = jax.tree.map(lambda a: jnp.issubdtype(a.dtype, jnp.floating), ctx)
+        params = jax.tree.map(lambda a, f: a.astype(jnp.float32) if f else None, ctx, floating)
+
+        def merge(p):
+            c = jax.tree.map(lambda a, q, f: q.astype(a.dtype) if f else a, ctx, p, floating,
+                             is_leaf=lambda x: x is None)
+            return self.family.with_guidance(c, s.guidance_scale)
+
+        def gap(p):
+            v = self.velocity(base, phi, x_t, merge(p), t)[0]
+            return O.mse(v, v_concept)
+
+        tx = optax.adam(s.robust_lr)
+
+        def body(_, carry):
+            p, opt, best, best_loss = carry
+            loss, g = jax.value_and_grad(gap)(p)
+            better = loss < best_loss
+            best = jax.tree.map(lambda a, b_: jnp.where(better, a, b_), p, best)
+            best_loss = jnp.where(better, loss, best_loss)
+            upd, opt = tx.update(g, opt, p)
+            return optax.apply_updates(p, upd), opt, best, best_loss
+
+        start = gap(params)
+        p, _, best, best_loss = jax.lax.fori_loop(0, s.robust_steps, body,
+                                                  (params, tx.init(params), params, jnp.asarray(jnp.inf, jnp.float32)))
+        last = gap(p)
+        best = jax.tree.map(lambda a, b_: jnp.where(last < best_loss, a, b_), p, best)
+        reached = jnp.minimum(last, best_loss)
+        return jax.lax.stop_gradient(merge(best)), jax.lax.stop_gradient(start), jax.lax.stop_gradient(reached)
+
     # ---- one step ----------------------------------------------------------------------------
     def __call__(self, state: TrainState, base, batch: dict):
         s = self.s
@@ -189,20 +235,41 @@ class ErasureStep:
         else:
             x_in, c_in = x_t, ctx
 
-        def loss_fn(phi):
-            v, aux_e = self.velocity(base, phi, x_in, c_in, t, collect="energy" if use_loc else False)
+        def loss_fn(phi, c_adv=None):
+            x, c = (x_in, c_in) if c_adv is None else (jnp.concatenate([x_in, x_t]), _cat(c_in, c_adv))
+            v, aux_e = self.velocity(base, phi, x, c, t, collect="energy" if use_loc else False)
             l_un = O.mse(v[:b], v_neg)
             l_loc = O.localization_loss(aux_e["attn"][:, :b], masks) if use_loc else jnp.zeros((), jnp.float32)
             if use_pre:
                 w = batch["pre_valid"].reshape(b, *([1] * (v.ndim - 1)))
-                diff = jnp.square(v[b:].astype(jnp.float32) - v_pre_frozen.astype(jnp.float32)) * w
+                diff = jnp.square(v[b:2 * b].astype(jnp.float32) - v_pre_frozen.astype(jnp.float32)) * w
                 l_pre = diff.sum() / jnp.maximum(w.sum() * diff[0].size, 1.0)
             else:
                 l_pre = jnp.zeros((), jnp.float32)
             total = l_un + s.alpha_loc * l_loc + s.beta_pre * l_pre
-            return total, {"loss_unlearn": l_un, "loss_loc": l_loc, "loss_pre": l_pre}
+            terms = {"loss_unlearn": l_un, "loss_loc": l_loc, "loss_pre": l_pre}
+            if s.robust_every:
+                # the adversarial rows are the last b; on a plain step there are none (the term is zero)
+                l_adv = O.mse(v[-b:], v_neg) if c_adv is not None else jnp.zeros((), jnp.float32)
+                total = total + s.robust_weight * l_adv
+                terms["loss_adv"] = l_adv
+            return total, terms
 
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.phi)
+        if not s.robust_every:
+            (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.phi)
+        else:
+            def plain(_):
+                (l, tm), g = jax.value_and_grad(loss_fn, has_aux=True)(state.phi)
+                return l, {**tm, "attack_loss": jnp.zeros((), jnp.float32), "attack_start": jnp.zeros((), jnp.float32)}, g
+
+            def robust(_):
+                c_adv, start, reached = self.adversarial_ctx(base, phi_now, x_t, t, ctx, v_frozen[b:])
+                (l, tm), g = jax.value_and_grad(loss_fn, has_aux=True)(state.phi, c_adv)
+                return l, {**tm, "attack_loss": reached, "attack_start": start}, g
+
+            attack_now = state.step % s.robust_every == 0
+            loss, terms, grads = jax.lax.cond(attack_now, robust, plain, None)
+            terms["adversarial"] = attack_now.astype(jnp.int32)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.phi)
         phi = optax.apply_updates(state.phi, updates)
         if self.active_layers is not None:  # the expert that did not serve t keeps its rows and moments

@@ -298,10 +298,17 @@ class T5Encoder(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.final_norm = T5LayerNorm(config.d_model, config.layer_norm_epsilon, rngs=rngs)
 
-    def __call__(self, input_ids, attention_mask=None):
-        input_ids = jnp.asarray(input_ids)
-        n = input_ids.shape[1]
-        h = jnp.take(self.shared[...], input_ids, axis=0).astype(jnp.float32)
+    def __call__(self, input_ids, attention_mask=None, token_weights=None):
+        """token_weights: (B, L, vocab) float instead of `input_ids` (a relaxed one-hot; the input embeddings
+        are `token_weights @ shared`), so that the encoding is differentiable in the tokens (red-team attacks)."""
+        if token_weights is not None:
+            w = jnp.asarray(token_weights, jnp.float32)
+            n = w.shape[1]
+            h = jnp.einsum("blv,vd->bld", w, self.shared[...].astype(jnp.float32))
+        else:
+            input_ids = jnp.asarray(input_ids)
+            n = input_ids.shape[1]
+            h = jnp.take(self.shared[...], input_ids, axis=0).astype(jnp.float32)
         mask = None if attention_mask is None else jnp.asarray(attention_mask).astype(bool)
         bias = None if self.rel_bias is None else self.rel_bias(n, n)
         graphdef, state = nnx.split(self.blocks)
