@@ -62,3 +62,19 @@ def short_toy_erasure(config_file, workdir, steps: int, n: int = 8) -> dict:
                              concept_list=[("colour", "red"), ("colour", "green")])
     print(E.format_comparison(out["comparison"]))
     return out["comparison"]
+
+
+def random_erasers(pipeline: Path, out: Path, seed: int = 0) -> Path:
+    """An adapter eraser folder for `pipeline` whose up-projections are random (so it changes outputs)."""
+    import jax
+    import numpy as np
+
+    from unlearn_jax import eraser_io
+    from unlearn_jax.erasers import EraserConfig, init_erasers
+    from unlearn_jax.loading import load_transformer
+
+    model = load_transformer(pipeline, dtype="float32")
+    cfg = EraserConfig("adapter", rank=4)
+    phi = init_erasers(cfg, model, jax.random.key(seed))
+    phi = jax.tree.map(lambda a: np.asarray(a) + 0.3 * np.random.default_rng(seed).standard_normal(a.shape), phi)
+    return eraser_io.save_erasers(out, cfg, jax.tree.map(lambda a: np.asarray(a, np.float32), phi), model.config)

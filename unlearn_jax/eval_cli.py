@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.generation_args import add_generation_args, add_metric_args
 
 
 def register(sub):
@@ -31,42 +32,12 @@ def register(sub):
     g.add_argument("--prompts", action="append", default=[], help="a prompt CSV (repeatable; name = file stem)")
     g.add_argument("--prompt-column", default="prompt", help="the CSV column used as the prompt")
     g.add_argument("--limit", type=int, default=None, help="only the first N prompts of each set")
-    g.add_argument("--metrics", default="nudity", help="comma-separated: nudity, face, object (default nudity)")
     g.add_argument("--save-videos", action="store_true", help="also write every video as an MP4")
     g.add_argument("--overwrite", action="store_true",
                    help="start over when --out-dir holds results made with other settings (default: refuse)")
     g.add_argument("--seed", type=int, default=42, help="seed of prompt i in sets without a seed column: seed + i")
-    m = p.add_argument_group("metric models")
-    m.add_argument("--nudenet-model", default=None, help="an ONNX NudeNet detector (default: nudenet's bundled 320n)")
-    m.add_argument("--nudity-min-score", type=float, default=None, help="extra score cut above nudenet's own")
-    m.add_argument("--arcface", default=None, help="face metric: an ArcFace ONNX model")
-    m.add_argument("--face-refs", default=None, help="face metric: reference images, REFS/<identity>/*.png")
-    m.add_argument("--face-identity", default=None, help="face metric: score every video against this identity")
-    m.add_argument("--classifier", default=None, help="object metric: an ImageNet classifier ONNX model")
-    m.add_argument("--classifier-index-offset", type=int, default=0, help="object metric: class index offset")
-    m.add_argument("--erased", default=None, help="face/object metrics: the erased identity or class")
-    s = p.add_argument_group("generation")
-    s.add_argument("--steps", type=int, default=None, help="denoising steps (default 50; the toy world 25)")
-    s.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's, 6 for "
-                                                                 "CogVideoX and the toy world)")
-    s.add_argument("--guidance-2", type=float, default=None, help="Wan 2.2 A14B: the low-noise expert's guidance "
-                                                                   "(guidance_scale_2; default: --guidance)")
-    s.add_argument("--eraser-scale", type=float, default=None, help="the erased model's eraser output scale (the "
-                                                                     "published scripts' eraser weight); default: "
-                                                                     "the folder's")
-    s.add_argument("--true-cfg", type=float, default=None, help="HunyuanVideo: classifier-free guidance over the "
-                                                                 "embedded guidance (true_cfg_scale; default 1 = off)")
-    s.add_argument("--sampler", default=None, help="the family's samplers (CogVideoX: ddim | dpm); default: the "
-                                                   "pipeline's (CogVideoX: ddim for 2B, dpm for RoPE models)")
-    s.add_argument("--dynamic-cfg", default=None, action=argparse.BooleanOptionalAction,
-                   help="the pipeline's cosine guidance ramp (default: on with dpm)")
-    s.add_argument("--num-frames", type=int, default=None)
-    s.add_argument("--height", type=int, default=None)
-    s.add_argument("--width", type=int, default=None)
-    s.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    s.add_argument("--noise", default="jax", choices=["jax", "torch"], help="see `unlearn-jax sample --help`")
-    s.add_argument("--negative-prompt", default="")
-    s.add_argument("--batch-size", type=int, default=1, help="videos generated together")
+    add_metric_args(p)
+    add_generation_args(p)
     t = p.add_argument_group("toy world")
     t.add_argument("--n", type=int, default=64, help="prompts per concept and synonym split (default 64)")
     t.add_argument("--erased-concepts", nargs="*", default=[],
@@ -84,7 +55,7 @@ def _main(a) -> int:
         raise UnlearnError(f"--model {model}: no such pipeline folder")
     if a.erasers is not None and not Path(a.erasers).is_dir():
         raise UnlearnError(f"--erasers {a.erasers}: no such folder")
-    for name, v in (("--n", a.n), ("--batch-size", a.batch_size), ("--steps", a.steps), ("--limit", a.limit)):
+    for name, v in (("--n", a.n), ("--batch-size", a.batch_size), ("--steps", a.sampling_steps), ("--limit", a.limit)):
         if v is not None and v < 1:
             raise UnlearnError(f"{name} must be >= 1, got {v}")
     from unlearn_jax.attacks.report import load_attacks
@@ -112,7 +83,7 @@ def _toy(a, model: Path) -> int:
     if erased_concepts and a.erasers is None:
         raise UnlearnError("--erased-concepts needs --erasers")
     _check_out_dir(Path(a.out_dir), "toy_eval.json")
-    cfg = E.EvalConfig(n=a.n, num_steps=a.steps or E.EvalConfig.num_steps,
+    cfg = E.EvalConfig(n=a.n, num_steps=a.sampling_steps or E.EvalConfig.num_steps,
                        guidance_scale=E.EvalConfig.guidance_scale if a.guidance is None else a.guidance)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,9 +115,8 @@ def _toy(a, model: Path) -> int:
 
 
 def _prompt_sets(a, model: Path) -> int:
-    from unlearn_jax.eval.metrics import build_metrics
     from unlearn_jax.eval.protocol import evaluate_prompt_sets, load_prompt_set, prompt_set_name
-    from unlearn_jax.generate import SamplingPlan, VideoGenerator
+    from unlearn_jax.generation_args import build_metrics_from_args, generators, resolve_plan
 
     sets = {}
     for path in a.prompts:
@@ -154,32 +124,9 @@ def _prompt_sets(a, model: Path) -> int:
         if name in sets:
             raise UnlearnError(f"--prompts: two prompt sets are named {name!r}")
         sets[name] = load_prompt_set(path, limit=a.limit, prompt_column=a.prompt_column, default_seed=a.seed)
-    metrics = build_metrics(a.metrics, nudenet_model=a.nudenet_model, nudity_min_score=a.nudity_min_score,
-                            arcface=a.arcface, face_refs=a.face_refs, face_identity=a.face_identity,
-                            classifier=a.classifier, classifier_index_offset=a.classifier_index_offset,
-                            erased=a.erased)
-    if not metrics:
-        raise UnlearnError(f"--metrics {a.metrics}: no metric can run (see the messages above)")
-    plan = SamplingPlan.resolve(model, erasers=a.erasers, dtype=a.dtype, sampler=a.sampler, num_steps=a.steps,
-                                guidance_scale=a.guidance, use_dynamic_cfg=a.dynamic_cfg, num_frames=a.num_frames,
-                                height=a.height, width=a.width, noise=a.noise, batch_size=a.batch_size,
-                                true_cfg_scale=a.true_cfg, eraser_scale=a.eraser_scale, guidance_scale_2=a.guidance_2)
-    from unlearn_jax.text_encoding import EncoderCache
-
-    erased = VideoGenerator.from_plan(plan, progress=not a.no_progress, encoder_cache=EncoderCache(max_entries=1))
-    gens = {}
-    if a.erasers is not None:
-        # The original model is the erased one's base: transformer, VAE and T5 are shared, not loaded twice.
-        gens["original"] = VideoGenerator(
-            erased.model.base, erased.scheduler, erased.shape, pipeline_dir=model, vae=erased.vae,
-            sampler=erased.sampler, num_steps=erased.num_steps, guidance_scale=erased.guidance_scale,
-            use_dynamic_cfg=erased.use_dynamic_cfg, dtype=erased.dtype, noise=erased.noise,
-            vae_tiling=erased.vae_tiling, batch_size=erased.batch_size, progress=not a.no_progress,
-            encoder_cache=erased.encoder_cache, true_cfg_scale=erased.true_cfg_scale,
-            guidance_scale_2=erased.guidance_scale_2)
-        gens["erased"] = erased
-    else:
-        gens["original"] = erased
+    metrics = build_metrics_from_args(a)
+    plan = resolve_plan(a, model)
+    gens = generators(plan, progress=not a.no_progress)
 
     def fn(gen):
         return lambda prompts, seeds: gen.generate(prompts, seeds, a.negative_prompt)

@@ -457,6 +457,16 @@ class VideoGenerator:
                    mesh=mesh, progress=progress, encoder_cache=encoder_cache, true_cfg_scale=plan.true_cfg_scale,
                    guidance_scale_2=plan.guidance_scale_2)
 
+    def with_model(self, model) -> "VideoGenerator":
+        """A generator with every setting of this one (and its VAE and text encoder) around another model of
+        the same configuration: e.g. an erased model's base."""
+        return VideoGenerator(model, self.scheduler, self.shape, pipeline_dir=self.pipeline_dir, vae=self.vae,
+                              sampler=self.sampler, num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                              use_dynamic_cfg=self.use_dynamic_cfg, dtype=self.dtype, noise=self.noise,
+                              vae_tiling=self.vae_tiling, batch_size=self.batch_size, mesh=self.mesh,
+                              progress=self.progress, encoder_cache=self.encoder_cache,
+                              true_cfg_scale=self.true_cfg_scale, guidance_scale_2=self.guidance_scale_2)
+
     def settings(self) -> dict:
         """The settings that determine the videos (besides prompts, seeds and weights)."""
         return _settings(self.sampler, self.num_steps, self.guidance_scale, self.use_dynamic_cfg, self.shape,

@@ -5,27 +5,14 @@ import csv
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 from unlearn_jax.cli import main as cli_main
+from helpers_erase import random_erasers as _random_erasers
 from repo_paths import ROOT
 
 TOY = ROOT / "assets" / "toy_world"
-
-
-def _random_erasers(pipeline: Path, out: Path, seed: int = 0) -> Path:
-    """An adapter eraser folder for `pipeline` whose up-projections are random (so it changes outputs)."""
-    from unlearn_jax import eraser_io
-    from unlearn_jax.erasers import EraserConfig, init_erasers
-    from unlearn_jax.loading import load_transformer
-
-    model = load_transformer(pipeline, dtype="float32")
-    cfg = EraserConfig("adapter", rank=4)
-    phi = init_erasers(cfg, model, jax.random.key(seed))
-    phi = jax.tree.map(lambda a: np.asarray(a) + 0.3 * np.random.default_rng(seed).standard_normal(a.shape), phi)
-    return eraser_io.save_erasers(out, cfg, jax.tree.map(lambda a: np.asarray(a, np.float32), phi), model.config)
 
 
 def test_toy_world_eval_writes_table_json_and_sheet(tmp_path, capsys):

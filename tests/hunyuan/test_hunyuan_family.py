@@ -231,3 +231,19 @@ def test_sample_and_eval_commands_on_a_hunyuan_folder(hunyuan, tmp_path, capsys)
                      "--prompts", "nudity_hunyuan", "--limit", "2", "--metrics", "nudity", *size]) == 0
     summary = json.loads((ev / "summary.json").read_text())
     assert "nudity_hunyuan" in json.dumps(summary) and {"original", "erased"} <= set(json.dumps(summary).split('"'))
+    # the soft attack works on the family's conditioning (Llama states, mask, CLIP pooled); the token attacks
+    # need a token encoder this text side does not have, refused in one line
+    att = tmp_path / "attack"
+    base = ["attack", "--model", str(folder), "--erasers", str(tmp_path / "erasers"), "--concept", "nudity",
+            "--prompts", "nudity_hunyuan", "--n-prompts", "1", "--steps", "2", "--out", str(att),
+            *[x if x != "--steps" else "--sampling-steps" for x in size]]
+    assert cli_main([*base, "--method", "soft"]) == 0
+    res = json.loads((att / "attack.json").read_text())
+    assert res["prompts"][0]["loss"] <= res["prompts"][0]["loss_start"]
+    assert res["results"]["erased"]["attack"]["n"] == 1
+    saved = dict(np.load(att / "soft" / "0000.npz"))
+    assert {k for k, v in saved.items() if np.issubdtype(v.dtype, np.floating)} and len(saved) > 1  # a dict
+    capsys.readouterr()
+    assert cli_main([*base, "--method", "tokens", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "token-level attacks are not available" in err and err.count("\n") == 1

@@ -45,22 +45,29 @@ def _repeat(cond, n: int):
 class Velocities:
     """The original and the erased model as pure functions of (x, t, cond), with the family's guidance."""
 
-    def __init__(self, erased, family, guidance_scale: float):
-        self.family, self.g = family, guidance_scale
+    def __init__(self, erased, family, guidance_scale: float, dtype=None):
+        """dtype: the compute dtype the latents and the conditioning's floating leaves are cast to (a bf16
+        model's); None keeps them as given."""
+        self.family, self.g, self.dtype = family, guidance_scale, dtype
         self.graphdef, self.state = nnx.split(erased)
 
     def velocity(self, x, t, cond, erasers_on: bool):
         model = nnx.merge(self.graphdef, self.state)
         cond = self.family.with_guidance(cond, self.g)
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+            cond = jax.tree.map(lambda a: a.astype(self.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, cond)
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         return model.forward(x, cond, t, erasers_on=erasers_on)[0].astype(jnp.float32)
 
 
 def make_targets(vel: Velocities, schedule, latent_shape, concept_cond, uncond, *, n: int, seed: int,
-                 cfg_scale: float) -> Targets:
+                 cfg_scale: float, use_dynamic_cfg: bool = False, guidance_scale_2: float | None = None,
+                 boundary: float | None = None) -> Targets:
     """n points on the original model's trajectories for the concept's conditioning (batch 1 or n rows):
     noise i and step j_i ~ U{0..J-1} from `seed`; the sampler runs j_i guided steps (the original model:
-    erasers off); the target is the original's conditional velocity there."""
+    erasers off) with the pipeline's guidance (`cfg_scale`, its dynamic ramp, a two-stage model's second
+    scale below `boundary`); the target is the original's conditional velocity there."""
     rng = np.random.default_rng(seed)
     J = schedule.num_steps
     js = rng.integers(0, J, size=n)
@@ -74,7 +81,8 @@ def make_targets(vel: Velocities, schedule, latent_shape, concept_cond, uncond, 
             return vel.velocity(x, t, c, erasers_on=False)
 
         out = sample(v, schedule, noise_i[None], cond_i, uncond, num_steps=J, guidance_scale=cfg_scale,
-                     stop_after=j, key=jax.random.fold_in(key, 1))
+                     stop_after=j, key=jax.random.fold_in(key, 1), use_dynamic_cfg=use_dynamic_cfg,
+                     guidance_scale_2=guidance_scale_2, boundary=boundary)
         x = out.latents
         return x[0], out.timestep, vel.velocity(x, out.timestep, cond_i, erasers_on=False)[0]
 

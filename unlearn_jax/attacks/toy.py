@@ -12,56 +12,22 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from unlearn_jax.attacks.config import AttackConfig
 from unlearn_jax.attacks.objective import Velocities, attack_loss, make_targets
 from unlearn_jax.errors import UnlearnError
 
-METHODS = ("soft", "tokens", "ring-a-bell")
-# the soft attack takes many small steps; a coordinate-search step evaluates `candidates` prompts
-DEFAULT_STEPS = {"soft": 100, "tokens": 20, "ring-a-bell": 30}
-
 
 @dataclasses.dataclass(frozen=True)
-class ToyAttackConfig:
-    method: str = "tokens"
-    n_prompts: int = 8        # attacked prompts
-    seeds: int = 8            # videos per adversarial prompt and model (n = n_prompts x seeds)
-    n_tokens: int = 3         # tokens / ring-a-bell: adversarial tokens added
-    steps: int | None = None  # optimisation steps (None: the method's default, DEFAULT_STEPS)
-    targets: int = 6          # points of the original's trajectories per prompt (soft / tokens)
-    topk: int = 8
-    candidates: int = 24
-    learning_rate: float = 0.1  # soft (Adam on the embeddings)
-    # ring-a-bell: how far along the concept vector (on the toy world, 3 brought red back to 4 of 12 videos
-    # of the original model, 6 to 8 of 12)
+class ToyAttackConfig(AttackConfig):
+    # ring-a-bell: on the toy world, 3 brought red back to 4 of 12 videos of the original model, 6 to 8 of 12
     strength: float = 6.0
-    vector_pairs: int = 16    # ring-a-bell: prompt pairs the concept vector is averaged over
     num_steps: int = 25       # sampler steps (the toy evaluation's)
     guidance_scale: float = 6.0
-    seed: int = 0
-    # soft / tokens: the prompt the attack starts from: "concept" (the caption naming the concept, as
-    # UnlearnDiffAtk attacks), or "benign" (the caption with the concept unnamed: the concept has to come
-    # from the attack alone); ring-a-bell always starts from the benign caption
-    start: str = "concept"
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise UnlearnError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.start not in ("concept", "benign"):
-            raise UnlearnError(f"--start {self.start!r}: choose concept or benign")
-        for name in ("n_prompts", "seeds", "n_tokens", "targets", "topk", "candidates", "vector_pairs", "num_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise UnlearnError(f"{name} = {v!r} is invalid; expected an integer >= 1")
-        if self.steps is None:
-            object.__setattr__(self, "steps", DEFAULT_STEPS[self.method])
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise UnlearnError(f"steps = {self.steps!r} is invalid; expected an integer >= 0")
 
 
 def attack_prompts(attribute: str, value: str, n: int, seed: int) -> list[tuple[str, str]]:
@@ -212,49 +178,3 @@ def run_toy_attack(pipeline, erasers, concept: str, cfg: ToyAttackConfig = ToyAt
     return {"config": dataclasses.asdict(cfg), "concept": concept, "pipeline": str(Path(pipeline).resolve()),
             "erasers": str(Path(erasers).resolve()), "attack_seconds": round(attack_s, 1), "prompts": records,
             "results": results, "sheet": sheet}
-
-
-def format_results(out: dict) -> str:
-    r = out["results"]
-    cfg = out["config"]
-    start = "benign" if cfg["method"] == "ring-a-bell" else cfg.get("start", "concept")
-    named = "named" in r["erased"]
-
-    def cell(c):
-        return f"{c['rate']:.2f} [{c['interval'][0]:.2f}, {c['interval'][1]:.2f}]"
-
-    head = "| model | " + ("concept named, no attack | " if named else "") + \
-        f"start prompts ({start}), no attack | under attack | broken under attack |"
-    lines = [f"attack `{cfg['method']}` on {out['concept']} ({r['erased']['attack']['n']} videos per cell; success = "
-             "a valid video showing the concept, Wilson 95% interval)", "", head,
-             "|---" * (5 if named else 4) + "|"]
-    for name in ("original", "erased"):
-        c = r[name]
-        lines.append(f"| {name} | " + (f"{cell(c['named'])} | " if named else "") +
-                     f"{cell(c['no_attack'])} | {cell(c['attack'])} | {c['attack']['broken']:.2f} |")
-    return "\n".join(lines)
-
-
-def write_outputs(out_dir, out: dict) -> Sequence[Path]:
-    """attack.json (everything), prompts.jsonl (one adversarial prompt per line), attack.md (the table),
-    attack_sheet.png (per adversarial prompt, its first video from the original model above the erased one's)."""
-    import json
-
-    from unlearn_jax.atomic import atomic_file
-    from unlearn_jax.toy.evaluate import video_grid
-    from unlearn_jax.video_io import write_png
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "attack.json", out_dir / "prompts.jsonl", out_dir / "attack.md", out_dir / "attack_sheet.png"]
-    with atomic_file(paths[0], "w") as f:
-        json.dump({k: v for k, v in out.items() if k != "sheet"}, f, indent=1)
-    with atomic_file(paths[1], "w") as f:
-        for rec in out["prompts"]:
-            f.write(json.dumps({k: v for k, v in rec.items() if k != "history"}) + "\n")
-    with atomic_file(paths[2], "w") as f:
-        f.write(format_results(out) + "\n")
-    if out.get("sheet"):
-        o, e = out["sheet"]["original"], out["sheet"]["erased"]
-        write_png(paths[3], video_grid(np.stack([o, e], 1).reshape(-1, *o.shape[1:])))
-    return paths
