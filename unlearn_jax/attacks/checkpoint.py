@@ -99,19 +99,11 @@ def find_adversarial(gen, items: Sequence[Mapping], cfg: CheckpointAttackConfig,
                        adversarial=f"{SOFT_PREFIX}{i} from: {start}>")
             conds.append(cond)
         else:
-            if cfg.method == "tokens":
-                from unlearn_jax.attacks.tokens import token_search
+            from unlearn_jax.attacks.discrete import discrete_attack
 
-                res = token_search(encoder, start, lambda c, t=targets: attack_loss(vel, t, c), n_tokens=cfg.n_tokens,
-                                   steps=cfg.steps, topk=cfg.topk, candidates=cfg.candidates, seed=cfg.seed + i)
-            else:
-                from unlearn_jax.attacks.ring_a_bell import ring_a_bell
-
-                res = ring_a_bell(encoder, start, vector, strength=cfg.strength, n_tokens=cfg.n_tokens,
-                                  steps=cfg.steps, topk=cfg.topk, candidates=cfg.candidates, seed=cfg.seed + i)
-            rec.update(adversarial=res.prompt, tokens=[int(t) for t in res.tokens], loss_start=float(res.history[0]),
-                       loss=float(res.loss), history=res.history.tolist(),
-                       retokenizes=bool(np.array_equal(encoder.ids([res.prompt])[0], res.ids)))
+            res, fields = discrete_attack(cfg, encoder, start, i, vel=vel, targets=targets if cfg.method == "tokens"
+                                          else None, vector=vector)
+            rec.update(fields)
             if cfg.method == "tokens":  # the typed prompt as the pipeline encodes it
                 rec["loss_typed"] = float(attack_loss(vel, targets, jax.tree.map(jnp.asarray,
                                                                                  gen.encode([res.prompt]))))

@@ -140,20 +140,12 @@ def run_toy_attack(pipeline, erasers, concept: str, cfg: ToyAttackConfig = ToyAt
             rec.update(loss_start=float(hist[0]), loss=float(hist.min()), history=hist.tolist())
             conds.append(np.asarray(cond)[0])
         else:
-            if cfg.method == "tokens":
-                from unlearn_jax.attacks.tokens import token_search
+            from unlearn_jax.attacks.discrete import discrete_attack
 
-                res = token_search(encoder, start, lambda c, t=targets: attack_loss(vel, t, c), n_tokens=cfg.n_tokens,
-                                   steps=cfg.steps, topk=cfg.topk, candidates=cfg.candidates, seed=cfg.seed + i)
-            else:
-                from unlearn_jax.attacks.ring_a_bell import ring_a_bell
-
-                res = ring_a_bell(encoder, benign, vector, strength=cfg.strength, n_tokens=cfg.n_tokens,
-                                  steps=cfg.steps, topk=cfg.topk, candidates=cfg.candidates, seed=cfg.seed + i)
+            res, fields = discrete_attack(cfg, encoder, start, i, vel=vel, targets=targets if cfg.method == "tokens"
+                                          else None, vector=vector)
             typed = np.asarray(encode([res.prompt]))  # the typed prompt, encoded as the pipeline does
-            rec.update(adversarial=res.prompt, tokens=[int(t) for t in res.tokens], loss_start=float(res.history[0]),
-                       loss=float(res.loss), history=res.history.tolist(),
-                       retokenizes=bool(np.array_equal(encoder.ids([res.prompt])[0], res.ids)))
+            rec.update(fields)
             if cfg.method == "tokens":
                 rec["loss_typed"] = float(attack_loss(vel, targets, jnp.asarray(typed)))
             conds.append(typed[0])
