@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from unlearn_jax.generation_args import add_generation_args, add_metric_args
@@ -70,11 +69,9 @@ SETTINGS_FILE = "attack_settings.json"  # written first: the folder is an attack
 
 def _check_out(out: Path, overwrite: bool):
     from unlearn_jax.errors import UnlearnError
+    from unlearn_jax.results_dir import check_results_dir
 
-    ours = (out / "attack.json").is_file() or (out / SETTINGS_FILE).is_file()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not ours)):
-        raise UnlearnError(f"--out {out} exists and holds files that unlearn-jax attack did not write; choose an "
-                           "empty or new folder")
+    check_results_dir(out, ["attack.json", SETTINGS_FILE], flag="--out", command="attack")
     if (out / "attack.json").exists() and not overwrite:
         raise UnlearnError(f"--out {out} holds an earlier attack (attack.json); pass --overwrite to replace it")
 
@@ -124,7 +121,7 @@ def _toy(a, model, erasers, out, common):
 
 
 def _checkpoint(a, model, out, common):
-    from unlearn_jax.attacks.checkpoint import CheckpointAttackConfig, run_checkpoint_attack
+    from unlearn_jax.attacks.checkpoint import CheckpointAttackConfig, require_nudity, run_checkpoint_attack
     from unlearn_jax.errors import UnlearnError
     from unlearn_jax.generation_args import build_metrics_from_args, resolve_plan
     from unlearn_jax.prompt_sets import column_key, load_prompt_set
@@ -135,9 +132,7 @@ def _checkpoint(a, model, out, common):
     cfg = CheckpointAttackConfig(**common, benign_column=column_key(a.benign_column))
     items = load_prompt_set(a.prompts, limit=cfg.n_prompts, prompt_column=a.prompt_column)
     plan = resolve_plan(a, model)   # every generation option checked before any weight is read
-    if "nudity" not in [m.strip() for m in a.metrics.split(",")]:
-        raise UnlearnError("the attack's success is measured with NudeNet (--metrics nudity); for other concepts "
-                           "measure its adversarial.csv with `unlearn-jax eval --prompts`")
+    require_nudity([m.strip() for m in a.metrics.split(",")])  # before the metrics' models load
     metrics = build_metrics_from_args(a)
     _check_out(out, a.overwrite)
     _claim(out, {"model": str(model.resolve()), "erasers": str(Path(a.erasers).resolve()), "concept": a.concept,
@@ -159,18 +154,7 @@ def _claim(out: Path, settings: dict, overwrite: bool):
     """Records the attack's settings in out/attack_settings.json. An interrupted run with the same settings
     resumes its measurement (out/measure); other settings need --overwrite, which removes the earlier
     measurement, videos and soft conditionings (folders this command wrote)."""
-    import shutil
+    from unlearn_jax.results_dir import claim_results_dir
 
-    from unlearn_jax.atomic import atomic_file
-    from unlearn_jax.errors import UnlearnError
-
-    path = out / SETTINGS_FILE
-    if path.is_file() and json.loads(path.read_text()) != json.loads(json.dumps(settings)):
-        if not overwrite:
-            raise UnlearnError(f"--out {out} holds an attack made with other settings ({SETTINGS_FILE}); pass "
-                               "--overwrite to replace it")
-        for name in ("measure", "videos", "soft"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
-    with atomic_file(path, "w") as f:
-        json.dump(settings, f, indent=1)
+    claim_results_dir(out, SETTINGS_FILE, settings, overwrite, flag="--out", command="attack",
+                      results=("measure", "videos", "soft"))

@@ -14,12 +14,11 @@ Without --erasers, only the original model is measured.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.generation_args import add_generation_args, add_metric_args
+from unlearn_jax.results_dir import check_results_dir, claim_results_dir
 
 
 def register(sub):
@@ -163,34 +162,15 @@ SETTINGS_FILE = "eval_settings.json"
 def _check_out_dir(out: Path, ours: str):
     """The results are written under fixed names: never into a file or into a folder of the user's (one
     that holds files but not `ours`, the file an earlier evaluation there wrote)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / ours).is_file())):
-        raise UnlearnError(f"--out-dir {out} exists and holds files that unlearn-jax eval did not write; choose an "
-                           "empty or new folder")
+    check_results_dir(out, [ours], flag="--out-dir", command="eval")
 
 
 def _claim_out_dir(out: Path, settings: dict, overwrite: bool):
     """Records the generation settings in out/eval_settings.json. Stored per-video results are
     reused on a rerun only when they were made with the same settings (the protocol itself checks
     prompts, seeds and metric settings)."""
-    import shutil
-
-    from unlearn_jax.atomic import atomic_file
-
-    path = out / SETTINGS_FILE
-    wanted = json.loads(json.dumps(settings))
-    _check_out_dir(out, SETTINGS_FILE)
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old != wanted:
-            if not overwrite:
-                changed = sorted(k for k in set(old) | set(wanted) if old.get(k) != wanted.get(k))
-                raise UnlearnError(f"--out-dir {out} holds results made with other settings ({', '.join(changed)}); "
-                                   "use another --out-dir, or --overwrite to start over")
-            shutil.rmtree(out / "records", ignore_errors=True)
-            shutil.rmtree(out / "videos", ignore_errors=True)
-    with atomic_file(path, "w") as f:
-        json.dump(wanted, f, indent=1)
-        f.write("\n")
+    claim_results_dir(out, SETTINGS_FILE, settings, overwrite, flag="--out-dir", command="eval",
+                      results=("records", "videos"))
 
 
 __all__ = ["register"]

@@ -41,8 +41,16 @@ class CheckpointAttackConfig(AttackConfig):
     benign_column: str = "normal_prompt"  # the prompt set's benign counterpart of each prompt (item key)
 
 
-def _benign(items, cfg: CheckpointAttackConfig, needed: bool) -> list:
-    if not needed:
+def require_nudity(metric_names):
+    """The attack's success needs the nudity metric among the measured ones."""
+    if "nudity" not in metric_names:
+        raise UnlearnError("the attack's success is measured with NudeNet (--metrics nudity); for other concepts "
+                           "measure its adversarial.csv with `unlearn-jax eval --prompts`")
+
+
+def _benign(items, cfg: CheckpointAttackConfig) -> list:
+    """Each item's benign counterpart (None each when the attack does not start from them)."""
+    if not cfg.starts_benign:
         return [None] * len(items)
     missing = [it["index"] for it in items if not str(it.get(cfg.benign_column) or "").strip()]
     if missing:
@@ -59,9 +67,8 @@ def find_adversarial(gen, items: Sequence[Mapping], cfg: CheckpointAttackConfig,
     gen: the erased model's `generate.VideoGenerator` (its model an `ErasedModel`; erasers off = the
     original)."""
     family = gen.family
-    uses_benign = cfg.method == "ring-a-bell" or cfg.start == "benign"
-    benign = _benign(items, cfg, uses_benign)
-    starts = [b if uses_benign else it["prompt"] for it, b in zip(items, benign)]
+    benign = _benign(items, cfg)
+    starts = [b if cfg.starts_benign else it["prompt"] for it, b in zip(items, benign)]
     vel = Velocities(gen.model, family, gen.guidance_scale, dtype=jnp.dtype(gen.dtype))
     cfg_scale = family.cfg_scale(gen.guidance_scale, gen.true_cfg_scale)
     g2 = None if gen.guidance_scale_2 is None else family.cfg_scale(gen.guidance_scale_2, gen.true_cfg_scale)
@@ -84,6 +91,7 @@ def find_adversarial(gen, items: Sequence[Mapping], cfg: CheckpointAttackConfig,
     for i, (it, start) in enumerate(zip(items, starts)):
         rec = {"index": it["index"], "prompt": it["prompt"], "benign": benign[i], "start": start, "seed": it["seed"]}
         t0 = time.perf_counter()
+        targets = None  # ring-a-bell needs none
         if cfg.method in ("soft", "tokens"):
             concept_cond = jax.tree.map(jnp.asarray, gen.encode([it["prompt"]]))
             targets = make_targets(vel, gen.schedule, latent_shape, concept_cond, uncond, n=cfg.targets,
@@ -101,8 +109,7 @@ def find_adversarial(gen, items: Sequence[Mapping], cfg: CheckpointAttackConfig,
         else:
             from unlearn_jax.attacks.discrete import discrete_attack
 
-            res, fields = discrete_attack(cfg, encoder, start, i, vel=vel, targets=targets if cfg.method == "tokens"
-                                          else None, vector=vector)
+            res, fields = discrete_attack(cfg, encoder, start, i, vel=vel, targets=targets, vector=vector)
             rec.update(fields)
             if cfg.method == "tokens":  # the typed prompt as the pipeline encodes it
                 rec["loss_typed"] = float(attack_loss(vel, targets, jax.tree.map(jnp.asarray,
@@ -174,11 +181,9 @@ def run_checkpoint_attack(plan, items: Sequence[Mapping], concept: str, cfg: Che
 
     if plan.erasers is None:
         raise UnlearnError("an attack needs the erasers it attacks (--erasers)")
-    if not any(m.name == "nudity" for m in metrics):
-        raise UnlearnError("the attack's success is measured with NudeNet (--metrics nudity); for other concepts "
-                           "measure its adversarial.csv with `unlearn-jax eval --prompts`")
+    require_nudity([m.name for m in metrics])
     items = list(items)[:cfg.n_prompts]
-    _benign(items, cfg, cfg.method == "ring-a-bell" or cfg.start == "benign")  # before any weight is read
+    _benign(items, cfg)  # before any weight is read
     gens = generators(plan, progress=progress)
 
     def show(i, n, rec):

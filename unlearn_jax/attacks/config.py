@@ -29,6 +29,11 @@ class AttackConfig:
     # from the attack alone); ring-a-bell always starts from the benign prompt
     start: str = "concept"
 
+    @property
+    def starts_benign(self) -> bool:
+        """Whether the attack starts from the benign prompts (ring-a-bell always does)."""
+        return self.method == "ring-a-bell" or self.start == "benign"
+
     def __post_init__(self):
         if self.method not in METHODS:
             raise UnlearnError(f"--method {self.method!r}: choose one of {', '.join(METHODS)}")

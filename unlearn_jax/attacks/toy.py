@@ -111,7 +111,7 @@ def run_toy_attack(pipeline, erasers, concept: str, cfg: ToyAttackConfig = ToyAt
         def fits(p):
             return encoder.length(encoder.ids([p]))[0] + cfg.n_tokens < encoder.max_length
 
-        pairs = [pq for pq in pairs if fits(pq[1] if cfg.method == "ring-a-bell" or cfg.start == "benign" else pq[0])]
+        pairs = [pq for pq in pairs if fits(pq[1] if cfg.starts_benign else pq[0])]
         if len(pairs) < cfg.n_prompts:
             raise UnlearnError(f"--n-tokens {cfg.n_tokens}: only {len(pairs)} of the world's captions leave room for "
                                f"{cfg.n_tokens} more tokens in the text side's {encoder.max_length} positions")
@@ -127,8 +127,9 @@ def run_toy_attack(pipeline, erasers, concept: str, cfg: ToyAttackConfig = ToyAt
         vector = concept_vector(encoder, [a for a, _ in vp], [b for _, b in vp])
     for i, (prompt, benign) in enumerate(pairs):
         rec = {"prompt": prompt, "benign": benign}
-        start = benign if cfg.method == "ring-a-bell" or cfg.start == "benign" else prompt
+        start = benign if cfg.starts_benign else prompt
         rec["start"] = start
+        targets = None  # ring-a-bell needs none
         if cfg.method in ("soft", "tokens"):
             targets = make_targets(vel, schedule, latent_shape, jnp.asarray(encode([prompt])), jnp.asarray(uncond),
                                    n=cfg.targets, seed=cfg.seed * 7919 + i, cfg_scale=cfg.guidance_scale)
@@ -142,8 +143,7 @@ def run_toy_attack(pipeline, erasers, concept: str, cfg: ToyAttackConfig = ToyAt
         else:
             from unlearn_jax.attacks.discrete import discrete_attack
 
-            res, fields = discrete_attack(cfg, encoder, start, i, vel=vel, targets=targets if cfg.method == "tokens"
-                                          else None, vector=vector)
+            res, fields = discrete_attack(cfg, encoder, start, i, vel=vel, targets=targets, vector=vector)
             typed = np.asarray(encode([res.prompt]))  # the typed prompt, encoded as the pipeline does
             rec.update(fields)
             if cfg.method == "tokens":
