@@ -11,12 +11,19 @@ The toy world (a pipeline folder with toy_world.json, e.g. assets/toy_world), no
 writes DIR/toy_eval.json (both models' rates and every prompt's detections), toy_eval.md (the
 before/after table, printed) and toy_sheet.png (first videos of every concept, base above erased).
 Without --erasers, only the original model is measured.
+
+Inference-time baselines (no --erasers): `--method negative-prompt` (the concept's words as the
+negative prompt) or `--method safree` (SAFREE-style filtering of the prompt conditioning,
+`baselines.safree`) against the original model, with `--concept-words W ...` (toy world: default the
+erased concepts' train synonyms); the results are written as above, the method's model named after it.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from unlearn_jax.errors import UnlearnError
+from unlearn_jax.baselines import INFERENCE_METHODS
 from unlearn_jax.generation_args import add_generation_args, add_metric_args
 from unlearn_jax.results_dir import check_results_dir, claim_results_dir
 
@@ -41,6 +48,17 @@ def register(sub):
     t.add_argument("--n", type=int, default=64, help="prompts per concept and synonym split (default 64)")
     t.add_argument("--erased-concepts", nargs="*", default=[],
                    help="toy concepts the erasers remove (colour:red ...): judged <= 10%%, kept out of other prompts")
+    b = p.add_argument_group("baselines (inference-time methods, compared with the original model)")
+    b.add_argument("--method", choices=("erasers",) + INFERENCE_METHODS, default=None,
+                   help="erasers (default with --erasers): the trained erasers; negative-prompt: the concept's words "
+                        "as the negative prompt; safree: SAFREE-style filtering of the prompt conditioning")
+    b.add_argument("--concept-words", nargs="+", default=None,
+                   help="the words that describe the concept, for negative-prompt and safree (toy world: default the "
+                        "erased concepts' train synonyms)")
+    b.add_argument("--safree-window", type=float, default=None,
+                   help="safree: the fraction of the denoising steps that see the filtered prompt (default 0.26)")
+    b.add_argument("--safree-filter-only", action="store_true",
+                   help="safree: the filtering alone, without the concept's words as the negative prompt")
     p.add_argument("--attacks", nargs="*", default=[],
                    help="folders written by `unlearn-jax attack` on the same --model and --erasers: their success "
                         "rates join the table")
@@ -57,6 +75,7 @@ def _main(a) -> int:
     for name, v in (("--n", a.n), ("--batch-size", a.batch_size), ("--steps", a.sampling_steps), ("--limit", a.limit)):
         if v is not None and v < 1:
             raise UnlearnError(f"{name} must be >= 1, got {v}")
+    _check_method(a)
     from unlearn_jax.attacks.report import load_attacks
 
     if a.attacks and a.erasers is None:
@@ -72,32 +91,71 @@ def _main(a) -> int:
     return _prompt_sets(a, model)
 
 
+def _check_method(a):
+    """--method / --erasers / --concept-words agree (one line each)."""
+    if a.method is None:
+        a.method = "erasers" if a.erasers is not None else None
+    if a.method == "erasers" and a.erasers is None:
+        raise UnlearnError("--method erasers needs --erasers DIR")
+    if a.method in INFERENCE_METHODS:
+        if a.erasers is not None:
+            raise UnlearnError(f"--method {a.method} is an inference-time baseline on the original model: drop --erasers")
+        if a.attacks:
+            raise UnlearnError("--attacks measure trained erasers: use them with --erasers")
+        if a.prompts and not a.concept_words:
+            raise UnlearnError(f"--method {a.method}: name the concept's words with --concept-words (e.g. nudity naked)")
+    elif a.concept_words is not None or a.safree_window is not None or a.safree_filter_only:
+        raise UnlearnError("--concept-words and the --safree-* options are for --method negative-prompt / safree")
+    if a.safree_window is not None and (a.method != "safree" or not 0.0 <= a.safree_window <= 1.0):
+        raise UnlearnError(f"--safree-window is a fraction in [0, 1] for --method safree; got {a.safree_window}")
+    if a.safree_filter_only and a.method != "safree":
+        raise UnlearnError("--safree-filter-only is an option of --method safree")
+
+
+def _safree_config(a, joiner: str = ", "):
+    from unlearn_jax.baselines.safree import SafreeConfig
+
+    window = SafreeConfig.max_window if a.safree_window is None else a.safree_window
+    return SafreeConfig(max_window=window, adaptive=False, joiner=joiner, negative_prompt=not a.safree_filter_only)
+
+
 def _toy(a, model: Path) -> int:
     import numpy as np
 
     from unlearn_jax.toy import evaluate as E
+    from unlearn_jax.toy import methods as M
     from unlearn_jax.video_io import write_png
 
     erased_concepts = E.check_concept_names(a.erased_concepts, "--erased-concepts")
-    if erased_concepts and a.erasers is None:
-        raise UnlearnError("--erased-concepts needs --erasers")
+    if erased_concepts and a.method is None:
+        raise UnlearnError("--erased-concepts needs --erasers (or --method negative-prompt / safree)")
+    words = a.concept_words
+    if a.method in INFERENCE_METHODS and words is None:
+        if not erased_concepts:
+            raise UnlearnError(f"--method {a.method}: name the concept with --erased-concepts (or --concept-words)")
+        words = M.concept_words(erased_concepts)
     _check_out_dir(Path(a.out_dir), "toy_eval.json")
     cfg = E.EvalConfig(n=a.n, num_steps=a.sampling_steps or E.EvalConfig.num_steps,
                        guidance_scale=E.EvalConfig.guidance_scale if a.guidance is None else a.guidance)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if a.erasers is None:
+    if a.method is None:
         net, sched, world_cfg, encode = E.load_pipeline(model)
         base = E.evaluate(net, sched, world_cfg, encode, cfg, keep_videos=True)
         videos = {"original": base.pop("videos")}
         result = {"model": str(model), "erasers": None, "original": base}
         table = E.format_table(base)
     else:
-        both = E.evaluate_erasure(model, a.erasers, cfg, erased_concepts, keep_videos=True)
+        if a.method == "erasers":
+            both = E.evaluate_erasure(model, a.erasers, cfg, erased_concepts, keep_videos=True)
+        else:
+            both = M.evaluate_method(model, a.method, words, cfg, erased_concepts, keep_videos=True,
+                                     safree_cfg=_safree_config(a, joiner=" ") if a.method == "safree" else None)
         base, erased = both["base"], both["erased"]
         videos = {"original": base.pop("videos"), "erased": erased.pop("videos")}
-        result = {"model": str(model), "erasers": a.erasers, "original": base, "erased": erased,
-                  "comparison": both["comparison"]}
+        result = {"model": str(model), "method": a.method, "erasers": a.erasers, "concept_words": words,
+                  "safree": None if a.method != "safree" else dataclasses.asdict(_safree_config(a, joiner=" ")),
+                  "original": base, "erased": erased, "comparison": both["comparison"]}
         table = E.format_comparison(both["comparison"])
         if a.attack_results:
             from unlearn_jax.attacks.report import attack_table
@@ -127,8 +185,21 @@ def _prompt_sets(a, model: Path) -> int:
     plan = resolve_plan(a, model)
     gens = generators(plan, progress=not a.no_progress)
 
-    def fn(gen):
-        return lambda prompts, seeds: gen.generate(prompts, seeds, a.negative_prompt)
+    def fn(gen, negative_prompt=a.negative_prompt):
+        return lambda prompts, seeds: gen.generate(prompts, seeds, negative_prompt)
+
+    fns = {k: fn(g) for k, g in gens.items()}
+    if a.method in INFERENCE_METHODS:
+        gen = gens["original"]
+        if a.method == "negative-prompt":
+            fns["negative-prompt"] = fn(gen, ", ".join(a.concept_words))
+        else:
+            from unlearn_jax.baselines.safree import Safree
+
+            text = plan.folder.family.text(plan.folder.root, cache=gen.encoder_cache)
+            safree = Safree(text.token_encoder(dtype=gen.dtype), gen.encode, a.concept_words, _safree_config(a))
+            fns["safree"] = lambda prompts, seeds: gen.generate(
+                seeds=seeds, conditioning=safree.conditioning(prompts, gen.num_steps)[0])
 
     on_videos = None
     if a.save_videos:
@@ -139,9 +210,10 @@ def _prompt_sets(a, model: Path) -> int:
                 write_mp4(Path(a.out_dir) / "videos" / model_name / set_name / f"{it.get('name', it['index'])}.mp4", v)
 
     settings = {"model": str(model), "erasers": a.erasers, "generation": plan.settings(),
-                "negative_prompt": a.negative_prompt}
+                "negative_prompt": a.negative_prompt, "method": a.method, "concept_words": a.concept_words,
+                "safree_window": a.safree_window, "safree_filter_only": a.safree_filter_only}
     _claim_out_dir(Path(a.out_dir), settings, a.overwrite)
-    evaluate_prompt_sets({k: fn(g) for k, g in gens.items()}, sets, metrics, a.out_dir, batch_size=a.batch_size,
+    evaluate_prompt_sets(fns, sets, metrics, a.out_dir, batch_size=a.batch_size,
                          settings=settings, on_videos=on_videos)
     print(f"wrote {Path(a.out_dir) / 'summary.json'}, per_frame.csv, comparison.md, contact_sheet.png")
     if a.attack_results:

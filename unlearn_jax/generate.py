@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from unlearn_jax import families
+from unlearn_jax.baselines.conditioning import thresholds, windowed, windowed_uncond, windowed_velocity
 from unlearn_jax.checks import finite_number as _number
 from unlearn_jax.checks import positive_int as _int
 from unlearn_jax.dtypes import NAMES as DTYPES
@@ -356,6 +357,10 @@ def _given_conditioning(value, what: str):
     return ctx
 
 
+def _is_windowed(cond) -> bool:
+    return isinstance(cond, dict) and set(cond) == {"early", "late", "until"}
+
+
 def _cast(cond, dtype):
     """The conditioning's floating leaves in the compute dtype (masks and ids keep theirs)."""
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, cond)
@@ -494,11 +499,21 @@ class VideoGenerator:
                 step_noise = jax.vmap(lambda i: jax.vmap(lambda k: jax.random.normal(
                     jax.random.fold_in(k, i + 1), item_shape, jnp.float32))(keys))(jnp.arange(num_steps))
             model = nnx.merge(graphdef, state)
-            ctx = family.with_guidance(ctx, guidance)
-            uncond = None if uncond is None else family.with_guidance(uncond, guidance)
-            out = sample(lambda x, t, c: model.forward(x, c, t)[0], schedule, noise.astype(latent_dtype),
-                         _cast(ctx, dtype),
-                         None if uncond is None else _cast(uncond, dtype), num_steps=num_steps, guidance_scale=g,
+            velocity = lambda x, t, c: model.forward(x, c, t)[0]  # noqa: E731
+
+            def prepare(c):
+                return None if c is None else _cast(family.with_guidance(c, guidance), dtype)
+
+            if _is_windowed(ctx):  # an inference-time method's conditioning (baselines.conditioning)
+                prepare_rows = prepare
+
+                def prepare(c):  # the window's timesteps stay float32
+                    return None if c is None else {"early": prepare_rows(c["early"]), "late": prepare_rows(c["late"]),
+                                                   "until": c["until"]}
+
+                velocity = windowed_velocity(velocity)
+            out = sample(velocity, schedule, noise.astype(latent_dtype), prepare(ctx), prepare(uncond),
+                         num_steps=num_steps, guidance_scale=g,
                          use_dynamic_cfg=dyn, step_noise=step_noise if needs_noise else None, guidance_scale_2=g2,
                          boundary=boundary)
             return out.latents.astype(jnp.float32)
@@ -548,8 +563,14 @@ class VideoGenerator:
         return self._neg_cache[negative_prompt]
 
     # ---- inputs ----------------------------------------------------------------------------
-    def _inputs(self, prompts, seeds, negative_prompt, latents, prompt_embeds, negative_prompt_embeds):
+    def _inputs(self, prompts, seeds, negative_prompt, latents, prompt_embeds, negative_prompt_embeds,
+                conditioning=None):
         shape = self.shape.noise_shape
+        if conditioning is not None:
+            if prompt_embeds is not None or negative_prompt_embeds is not None:
+                raise UnlearnError("pass a method's conditioning or prompt_embeds / negative_prompt_embeds, not both")
+            prompt_embeds = conditioning.context
+            negative_prompt_embeds = conditioning.uncond
         if prompt_embeds is not None:
             ctx = _given_conditioning(prompt_embeds, "prompt_embeds")
             if prompts is not None and len(prompts) != leading_size(ctx):
@@ -596,6 +617,15 @@ class VideoGenerator:
                 if not isinstance(negative_prompt, str):
                     raise UnlearnError(f"negative_prompt must be a string, not {type(negative_prompt).__name__}")
                 uncond = self._negative(negative_prompt)
+        if conditioning is not None and conditioning.late is not None:
+            late = _given_conditioning(conditioning.late, "the conditioning after the window")
+            if jax.tree.map(np.shape, late) != jax.tree.map(np.shape, ctx):
+                raise UnlearnError("a windowed conditioning's two parts must have the same shapes")
+            steps = np.asarray(conditioning.steps)
+            if steps.shape != (n,):
+                raise UnlearnError(f"a windowed conditioning needs one window length per prompt ({n}); got {steps.shape}")
+            ctx = windowed(ctx, late, thresholds(self.schedule.timesteps, steps))
+            uncond = None if uncond is None else windowed_uncond(uncond)
         return ctx, uncond, latents, seeds
 
     def _noise_for(self, seed: int, have_latents: bool):
@@ -612,11 +642,13 @@ class VideoGenerator:
 
     # ---- generation ------------------------------------------------------------------------
     def iter_latents(self, prompts=None, seeds=None, negative_prompt: str = "", *, latents=None, prompt_embeds=None,
-                     negative_prompt_embeds=None) -> Iterator[tuple[int, np.ndarray]]:
+                     negative_prompt_embeds=None, conditioning=None) -> Iterator[tuple[int, np.ndarray]]:
         """Yields (index, final latents (1, F, C, h, w) float32) per video, in order: what
-        `CogVideoXPipeline(..., output_type="latent")` returns (padding frames included)."""
+        `CogVideoXPipeline(..., output_type="latent")` returns (padding frames included).
+        conditioning: an inference-time method's `baselines.conditioning.Conditioning` instead of the
+        prompts' own (e.g. SAFREE's filtered prompts for the first steps of each video)."""
         ctx, uncond, latents, seeds = self._inputs(prompts, seeds, negative_prompt, latents, prompt_embeds,
-                                                   negative_prompt_embeds)
+                                                   negative_prompt_embeds, conditioning)
         n, bs = leading_size(ctx), self.batch_size
         bar = None
         if self.progress and n:
@@ -671,7 +703,7 @@ class VideoGenerator:
         return np.concatenate(out) if out else np.zeros((0, *self.shape.noise_shape[1:]), np.float32)
 
     def generate(self, prompts=None, seeds=None, negative_prompt: str = "", *, latents=None, prompt_embeds=None,
-                 negative_prompt_embeds=None) -> np.ndarray:
+                 negative_prompt_embeds=None, conditioning=None) -> np.ndarray:
         """(N, F, H, W, 3) float32 videos in [0, 1], one per prompt and seed.
 
         latents: (N, F, C, h, w) initial noise instead of drawing it from the seeds (seeds then
@@ -681,7 +713,8 @@ class VideoGenerator:
         """
         out = [v for _, v in self.iter_videos(prompts, seeds, negative_prompt, latents=latents,
                                               prompt_embeds=prompt_embeds,
-                                              negative_prompt_embeds=negative_prompt_embeds)]
+                                              negative_prompt_embeds=negative_prompt_embeds,
+                                              conditioning=conditioning)]
         s = self.shape
         return np.stack(out) if out else np.zeros((0, s.num_frames, s.height, s.width, 3), np.float32)
 

@@ -326,6 +326,8 @@ class TokenEncoder:
         self._graphdef, self._state = enc.graphdef, enc.state
         specials = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
         self.eos_id = self.tokenizer.eos_token_id
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._encode_ids = None
         # the tokens an attack may choose: the tokenizer's own vocabulary (the checkpoint's embedding table
         # can be larger), no special tokens, and with a SentencePiece vocabulary only word-initial pieces
         # ("▁word"): a prompt typed from those tokenizes back to the same tokens, where a lone "n" or "g"
@@ -350,13 +352,34 @@ class TokenEncoder:
     def decode(self, tokens) -> str:
         return self.tokenizer.decode([int(t) for t in tokens], skip_special_tokens=True).strip()
 
+    def _mask(self, ids):
+        """(N, L) bool: each row's tokens through its end token (Wan's attention mask)."""
+        is_eos = (ids == self.eos_id).astype(jnp.int32)
+        return jnp.cumsum(is_eos, axis=1) - is_eos == 0
+
+    def encode_ids(self, ids):
+        """(N, L) int token ids -> (N, L, D) float32: what `encode` gives for their one-hot rows, without
+        building them (a real vocabulary makes one-hot rows of every position too large)."""
+        if self._encode_ids is None:
+            graphdef, masked = self._graphdef, self.masked
+
+            @jax.jit
+            def run(state, ids):
+                model = nnx.merge(graphdef, state)
+                if not masked:
+                    return model(ids, None).astype(jnp.float32)
+                mask = self._mask(ids)
+                return jnp.where(mask[..., None], model(ids, mask).astype(jnp.float32), 0.0)
+
+            self._encode_ids = run
+        return self._encode_ids(self._state, jnp.asarray(ids, jnp.int32))
+
     def encode(self, weights):
         """weights (N, L, V) float (one-hot rows give the text side's own embeddings) -> (N, L, D) float32."""
         model = nnx.merge(self._graphdef, self._state)
         if not self.masked:
             return model(None, None, token_weights=weights)
-        ids = jnp.argmax(weights, -1)
-        mask = jnp.cumsum((ids == self.eos_id).astype(jnp.int32), axis=1) - (ids == self.eos_id) == 0  # up to EOS
+        mask = self._mask(jnp.argmax(weights, -1))
         out = model(None, mask, token_weights=weights)
         return jnp.where(mask[..., None], out, 0.0)
 

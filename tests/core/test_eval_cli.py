@@ -96,3 +96,62 @@ def test_prompt_set_eval_on_a_tiny_pipeline(tmp_path, capsys):
     rc = cli_main([*args[:-6], "--steps", "3", "--dtype", "float32", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "other settings" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("method", ["negative-prompt", "safree"])
+def test_toy_world_eval_of_an_inference_time_baseline(tmp_path, capsys, method):
+    out = tmp_path / "eval"
+    rc = cli_main(["eval", "--model", str(TOY), "--method", method, "--out-dir", str(out), "--n", "1", "--steps", "4",
+                   "--erased-concepts", "colour:red", "--no-progress"])
+    assert rc == 0
+    assert "(erased)" in capsys.readouterr().out
+    res = json.loads((out / "toy_eval.json").read_text())
+    assert res["method"] == method and res["erasers"] is None
+    assert res["concept_words"] == ["red", "crimson", "scarlet"]   # the erased concept's train synonyms
+    assert [i["prompt"] for i in res["original"]["items"]] == [i["prompt"] for i in res["erased"]["items"]]
+    if method == "safree":
+        assert res["safree"]["max_window"] == 0.26 and res["safree"]["negative_prompt"] is True
+    if method == "negative-prompt":
+        assert res["erased"]["settings"]["negative_prompt"] == "red crimson scarlet"
+        assert res["original"]["settings"]["negative_prompt"] == ""
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--method", "safree", "--erasers", "."], "drop --erasers"),
+    (["--method", "erasers"], "needs --erasers DIR"),
+    (["--concept-words", "red"], "are for --method negative-prompt / safree"),
+    (["--method", "safree", "--safree-window", "1.5", "--erased-concepts", "colour:red"], "a fraction in [0, 1]"),
+    (["--method", "negative-prompt", "--safree-window", "0.5", "--erased-concepts", "colour:red"], "for --method safree"),
+    (["--method", "safree"], "name the concept with --erased-concepts"),
+    (["--method", "negative-prompt", "--safree-filter-only", "--erased-concepts", "colour:red"],
+     "an option of --method safree"),
+])
+def test_baseline_option_errors(tmp_path, capsys, args, match):
+    rc = cli_main(["eval", "--model", str(TOY), "--out-dir", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and err.count("\n") == 1
+
+
+def test_prompt_set_eval_of_safree_on_a_tiny_pipeline(tmp_path, capsys):
+    pytest.importorskip("nudenet")
+    from helpers_cogvideox import build_video_pipeline as _build
+
+    pipe = _build(tmp_path / "pipe", rope=False)[0]
+    prompts = tmp_path / "set.csv"
+    with open(prompts, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "seed"])
+        w.writerows([["a red dog in the garden", 3], ["a small boat at night", 5]])
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(pipe), "--method", "safree", "--concept-words", "red", "dog", "--out-dir", str(out),
+            "--prompts", str(prompts), "--metrics", "nudity", "--steps", "2", "--dtype", "float32", "--no-progress"]
+    assert cli_main(args) == 0
+    with open(out / "per_frame.csv", newline="") as f:
+        assert {r["model"] for r in csv.DictReader(f)} == {"original", "safree"}
+    settings = json.loads((out / "eval_settings.json").read_text())
+    assert settings["method"] == "safree" and settings["concept_words"] == ["red", "dog"]
+    capsys.readouterr()
+    rc = cli_main(["eval", "--model", str(pipe), "--method", "safree", "--out-dir", str(tmp_path / "o2"),
+                   "--prompts", str(prompts), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--concept-words" in err and err.count("\n") == 1

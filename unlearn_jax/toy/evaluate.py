@@ -50,6 +50,7 @@ class EvalConfig:
     # an erased concept's prompts are its own test; every other concept is measured on prompts
     # that do not name it, the way a preserved concept is used after erasure.
     avoid: tuple[str, ...] = ()
+    negative_prompt: str = ""    # the unconditional branch's prompt (the negative-prompt baseline names the concept)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -123,17 +124,21 @@ def latent_layout(model) -> str:
     return "FCHW" if config is None else families.of_config(config).latent_layout
 
 
-def make_generator(model, sched: SchedulerConfig, cfg: EvalConfig) -> Callable:
+def make_generator(model, sched: SchedulerConfig, cfg: EvalConfig, windowed: bool = False) -> Callable:
     """A jitted `gen(noise, ctx, uncond) -> final latents`, for a toy model (a module with `forward`) or
-    a `velocity_fn(x, t, ctx)`."""
+    a `velocity_fn(x, t, ctx)`. windowed: the conditioning is `baselines.conditioning.windowed` (a
+    method's filtered prompts for the first steps)."""
+    from unlearn_jax.baselines.conditioning import windowed_velocity
+
     schedule = make_schedule(sched, cfg.num_steps)
+    wrap = windowed_velocity if windowed else (lambda fn: fn)
     if isinstance(model, nnx.Module):
         graphdef, state = nnx.split(model)
 
         @jax.jit
         def run(state, noise, ctx, uncond):
             m = nnx.merge(graphdef, state)
-            out = sample(lambda x, t, c: m.forward(x, c, t)[0], schedule, noise, ctx, uncond,
+            out = sample(wrap(lambda x, t, c: m.forward(x, c, t)[0]), schedule, noise, ctx, uncond,
                          num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale)
             return out.latents
 
@@ -141,19 +146,29 @@ def make_generator(model, sched: SchedulerConfig, cfg: EvalConfig) -> Callable:
 
     @jax.jit
     def run_fn(noise, ctx, uncond):
-        return sample(model, schedule, noise, ctx, uncond, num_steps=cfg.num_steps,
+        return sample(wrap(model), schedule, noise, ctx, uncond, num_steps=cfg.num_steps,
                       guidance_scale=cfg.guidance_scale).latents
 
     return run_fn
 
 
 def generate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Callable, prompts: Sequence[str],
-             cfg: EvalConfig, noise_seed: int | None = None, layout: str | None = None) -> np.ndarray:
+             cfg: EvalConfig, noise_seed: int | None = None, layout: str | None = None,
+             conditioning: Callable | None = None) -> np.ndarray:
     """(N, frames, 3, size, size) videos in [0, 1], one per prompt; noise i = normal(fold_in(seed, i)),
-    drawn in the model's latent layout (`layout`: "FCHW" | "CFHW", default `latent_layout(model)`)."""
-    gen = make_generator(model, sched, cfg)
-    ctx_all = encode(list(prompts))
-    uncond = encode([""])
+    drawn in the model's latent layout (`layout`: "FCHW" | "CFHW", default `latent_layout(model)`).
+    conditioning: `prompts -> baselines.conditioning.Conditioning` (an inference-time method's); default
+    the prompts' encodings with `cfg.negative_prompt` as the unconditional branch."""
+    from unlearn_jax.baselines.conditioning import Conditioning, thresholds, windowed, windowed_uncond
+
+    prompts = list(prompts)
+    cond = conditioning(prompts) if conditioning is not None else \
+        Conditioning(encode(prompts), encode([cfg.negative_prompt]))
+    gen = make_generator(model, sched, cfg, windowed=cond.late is not None)
+    ctx_all, uncond = np.asarray(cond.context), np.asarray(cond.uncond)
+    if cond.late is not None:
+        until = thresholds(make_schedule(sched, cfg.num_steps).timesteps, cond.steps)
+        late, uncond = np.asarray(cond.late), windowed_uncond(uncond)
     key = jax.random.key(cfg.seed if noise_seed is None else noise_seed)
     layout = latent_layout(model) if layout is None else layout
     if layout not in ("FCHW", "CFHW"):
@@ -167,7 +182,8 @@ def generate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Call
         n = len(idx)
         pad = np.concatenate([idx, np.repeat(idx[:1], bs - n)]) if n < bs else idx
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), latent, jnp.float32) for i in pad])
-        latents = np.asarray(gen(noise, jnp.asarray(ctx_all[pad]), jnp.asarray(uncond)))
+        ctx = ctx_all[pad] if cond.late is None else windowed(ctx_all[pad], late[pad], until[pad])
+        latents = np.asarray(gen(noise, ctx, uncond))
         if layout == "CFHW":
             latents = latents.transpose(0, 2, 1, 3, 4)
         out.append(from_model_space(latents)[:n])
@@ -217,16 +233,18 @@ def summarize(items: Sequence[dict], detections: Sequence[dict], splits: Sequenc
 
 
 def evaluate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Callable, cfg: EvalConfig = EvalConfig(),
-             concept_list=None, keep_videos: bool = False) -> dict:
+             concept_list=None, keep_videos: bool = False, conditioning: Callable | None = None) -> dict:
     """Generation rate of every concept (per split), plus every prompt's detections.
 
     model: a toy model (CogVideoX or Wan, with erasers attached or not) or a frames-first
     `velocity_fn(x, t, ctx)`.
     keep_videos: also return the videos, (N, frames, 3, size, size) in [0, 1], under "videos".
+    conditioning: an inference-time method's conditioning (see `generate`).
     """
     items = eval_prompts(cfg, concept_list)
     t0 = time.perf_counter()
-    videos = generate(model, sched, world_cfg, encode, [it["prompt"] for it in items], cfg)
+    videos = generate(model, sched, world_cfg, encode, [it["prompt"] for it in items], cfg,
+                      conditioning=conditioning)
     seconds = time.perf_counter() - t0
     detections = [check(v) for v in videos]
     report = summarize(items, detections, cfg.splits)
