@@ -154,3 +154,19 @@ def test_video_generator_with_a_window(toy_text):
     np.testing.assert_allclose(mixed[1], base[1], atol=1e-5)
     with pytest.raises(Exception, match="one window length per prompt"):
         gen.generate(seeds=seeds, conditioning=Conditioning(other, uncond, original, np.array([1])))
+
+
+def test_esd_config_is_the_method_without_its_additions():
+    """ESD-style: the default run's target and schedule, the attention weights fine-tuned, no L_loc, no L_pre,
+    the bare concept prompt."""
+    from unlearn_jax.config import load_config
+    from repo_paths import ROOT
+
+    ours = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
+    esd = load_config(ROOT / "configs" / "toy_world" / "baselines" / "esd_red.py")
+    assert (esd.eraser.kind, esd.erase.alpha_loc, esd.erase.beta_pre) == ("attn", 0.0, 0.0)
+    assert esd.concepts[0]["prompts"] == [] and esd.concepts[0]["phrase"] == ours.concepts[0]["phrase"]
+    for key in ("eta", "mask_threshold"):
+        assert esd.erase[key] == ours.erase[key]
+    assert esd.train.num_steps == ours.train.num_steps and esd.sampler.to_dict() == ours.sampler.to_dict()
+    assert esd.workdir != ours.workdir

@@ -24,12 +24,6 @@ class Conditioning(NamedTuple):
     late: Any = None                 # (N, ...): the conditioning after each prompt's window; None: none
     steps: np.ndarray | None = None  # (N,) int: how many first steps use `context` (the rest `late`)
 
-    def take(self, idx) -> "Conditioning":
-        """The rows `idx` (the unconditional branch is shared)."""
-        pick = lambda tree: None if tree is None else jax.tree.map(lambda a: np.asarray(a)[idx], tree)  # noqa: E731
-        return Conditioning(pick(self.context), self.uncond, pick(self.late),
-                            None if self.steps is None else np.asarray(self.steps)[idx])
-
 
 def thresholds(timesteps, steps) -> np.ndarray:
     """(N,) float32: the timestep each row's window ends at; a step at timestep t is in the window
