@@ -183,6 +183,13 @@ def _prompt_sets(a, model: Path) -> int:
         sets[name] = load_prompt_set(path, limit=a.limit, prompt_column=a.prompt_column, default_seed=a.seed)
     metrics = build_metrics_from_args(a)
     plan = resolve_plan(a, model)
+    if a.method == "safree":
+        from unlearn_jax.families.base import TextSide
+
+        text_cls = type(plan.folder.family.text(plan.folder.root))
+        if text_cls.token_encoder is TextSide.token_encoder:
+            raise UnlearnError(f"--method safree re-encodes prompts token by token: {plan.folder.family.title}'s text "
+                               "side does not offer that (the negative-prompt baseline runs on it)")
     gens = generators(plan, progress=not a.no_progress)
 
     def fn(gen, negative_prompt=a.negative_prompt):

@@ -55,6 +55,14 @@ def test_eval_needs_prompts_for_a_real_pipeline(tmp_path, capsys):
     assert rc == 2 and "--prompts" in capsys.readouterr().err
 
 
+def _two_prompt_set(path):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "seed"])
+        w.writerows([["a red dog in the garden", 3], ["a small boat at night", 5]])
+    return path
+
+
 def test_prompt_set_eval_on_a_tiny_pipeline(tmp_path, capsys):
     pytest.importorskip("nudenet")
     from helpers_cogvideox import FRAMES
@@ -62,11 +70,7 @@ def test_prompt_set_eval_on_a_tiny_pipeline(tmp_path, capsys):
 
     pipe = _build(tmp_path / "pipe", rope=False)[0]
     erasers = _random_erasers(pipe, tmp_path / "erasers")
-    prompts = tmp_path / "set.csv"
-    with open(prompts, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "seed"])
-        w.writerows([["a red dog in the garden", 3], ["a small boat at night", 5]])
+    prompts = _two_prompt_set(tmp_path / "set.csv")
     out = tmp_path / "eval"
     args = ["eval", "--model", str(pipe), "--erasers", str(erasers), "--out-dir", str(out), "--prompts", str(prompts),
             "--metrics", "nudity,face", "--steps", "2", "--dtype", "float32", "--save-videos", "--no-progress"]
@@ -137,11 +141,7 @@ def test_prompt_set_eval_of_safree_on_a_tiny_pipeline(tmp_path, capsys):
     from helpers_cogvideox import build_video_pipeline as _build
 
     pipe = _build(tmp_path / "pipe", rope=False)[0]
-    prompts = tmp_path / "set.csv"
-    with open(prompts, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["prompt", "seed"])
-        w.writerows([["a red dog in the garden", 3], ["a small boat at night", 5]])
+    prompts = _two_prompt_set(tmp_path / "set.csv")
     out = tmp_path / "eval"
     args = ["eval", "--model", str(pipe), "--method", "safree", "--concept-words", "red", "dog", "--out-dir", str(out),
             "--prompts", str(prompts), "--metrics", "nudity", "--steps", "2", "--dtype", "float32", "--no-progress"]
