@@ -102,6 +102,9 @@ def _check_method(a):
             raise UnlearnError(f"--method {a.method} is an inference-time baseline on the original model: drop --erasers")
         if a.attacks:
             raise UnlearnError("--attacks measure trained erasers: use them with --erasers")
+        if a.negative_prompt:
+            raise UnlearnError(f"--method {a.method} makes its own negative prompt from the concept's words: "
+                               "drop --negative-prompt")
         if a.prompts and not a.concept_words:
             raise UnlearnError(f"--method {a.method}: name the concept's words with --concept-words (e.g. nudity naked)")
     elif a.concept_words is not None or a.safree_window is not None or a.safree_filter_only:

@@ -127,6 +127,7 @@ def test_toy_world_eval_of_an_inference_time_baseline(tmp_path, capsys, method):
     (["--method", "safree", "--safree-window", "1.5", "--erased-concepts", "colour:red"], "a fraction in [0, 1]"),
     (["--method", "negative-prompt", "--safree-window", "0.5", "--erased-concepts", "colour:red"], "for --method safree"),
     (["--method", "safree"], "name the concept with --erased-concepts"),
+    (["--method", "negative-prompt", "--negative-prompt", "blurry"], "drop --negative-prompt"),
     (["--method", "negative-prompt", "--safree-filter-only", "--erased-concepts", "colour:red"],
      "an option of --method safree"),
 ])
