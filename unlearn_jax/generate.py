@@ -53,7 +53,6 @@ from unlearn_jax import families
 from unlearn_jax.baselines.conditioning import thresholds, windowed, windowed_uncond, windowed_velocity
 from unlearn_jax.checks import finite_number as _number
 from unlearn_jax.checks import positive_int as _int
-from unlearn_jax.dtypes import NAMES as DTYPES
 from unlearn_jax.dtypes import dtype_name as _dtype_name
 from unlearn_jax.errors import UnlearnError
 from unlearn_jax.families.base import VideoShape, leading_size

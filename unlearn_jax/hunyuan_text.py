@@ -17,7 +17,6 @@ transformer sees (after the crop).
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Sequence
 
