@@ -44,19 +44,23 @@ def tiny_erase_config(pipeline, workdir, **overrides):
     return c
 
 
-def short_toy_erasure(config_file, workdir, steps: int, n: int = 8) -> dict:
-    """A toy-world erase config cut to `steps` steps (erasers only, no built-in evaluation), then the
-    base-vs-erased comparison on red and green (n prompts per split), printed and returned."""
+def short_toy_erasure(config_file, workdir, steps: int, n: int = 8, model_path=None) -> dict:
+    """A toy-world erase config cut to `steps` steps (erasers only, no built-in evaluation, no in-run check;
+    `model_path`: another toy pipeline), then the base-vs-erased comparison on red and green (n prompts per
+    split), printed and returned."""
     from unlearn_jax.config import load_config
     from unlearn_jax.erase import run_erase
     from unlearn_jax.toy import evaluate as E
 
     c = load_config(config_file)
     c.workdir = str(workdir)
+    if model_path is not None:
+        c.model.path = str(model_path)
     c.train.num_steps = steps
     c.train.checkpoint_every = 1000
     c.export.formats = ["erasers"]
     c.evaluate.toy_world = False
+    c.check.every = 0  # a fixed number of steps: no in-run check
     assert run_erase(c, progress=False)["status"] == "completed"
     out = E.evaluate_erasure(c.model.path, Path(workdir) / "export" / "erasers", E.EvalConfig(n=n), ["colour:red"],
                              concept_list=[("colour", "red"), ("colour", "green")])

@@ -12,9 +12,20 @@ from ml_collections import ConfigDict
 from unlearn_jax.errors import UnlearnError
 
 
+def split_config_arg(path: str | Path) -> tuple[Path, str | None]:
+    """`file.py:ARG` (ml_collections' convention: ARG goes to `get_config(ARG)`) -> (file, ARG); a plain path
+    -> (path, None). A file whose own name holds a colon is taken whole."""
+    text = str(path)
+    if Path(text).is_file() or ".py:" not in text:
+        return Path(text), None
+    head, arg = text.split(".py:", 1)
+    return Path(head + ".py"), arg
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ConfigDict:
-    """Runs `get_config()` of the config file, then applies `a.b=value` overrides in order."""
-    path = Path(path)
+    """Runs `get_config()` of the config file (`get_config(ARG)` for `file.py:ARG`), then applies `a.b=value`
+    overrides in order."""
+    path, arg = split_config_arg(path)
     if not path.is_file():
         raise UnlearnError(f"{path}: no such config file")
     spec = importlib.util.spec_from_file_location(f"_unlearn_config_{path.stem}", path)
@@ -26,7 +37,11 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ConfigDict:
     if not hasattr(module, "get_config"):
         raise UnlearnError(f"{path}: a config file must define get_config()")
     try:
-        cfg = module.get_config()
+        cfg = module.get_config() if arg is None else module.get_config(arg)
+    except TypeError as e:
+        if arg is not None and "positional argument" in str(e):
+            raise UnlearnError(f"{path}: get_config() takes no argument; drop ':{arg}'") from None
+        raise UnlearnError(f"{path}: get_config() fails: TypeError: {' '.join(str(e).split())[:200]}") from None
     except Exception as e:  # the config file's own code failed: say where, in one line
         raise UnlearnError(f"{path}: get_config() fails: {type(e).__name__}: {' '.join(str(e).split())[:200]}") from None
     for item in overrides:

@@ -244,6 +244,27 @@ class Run:
         self.bank = None
         if self.settings.xt_source == "frozen_bank":
             self.bank = self._build_bank()
+        self.checker = None  # config.check: built in train(), once the outputs' requirements are checked
+
+    def _build_checker(self):
+        from unlearn_jax.toy.run_check import CheckSettings, ToyCheck
+
+        e = self.cfg.evaluate
+        return ToyCheck(self.pipeline, self.step_fn.velocity, self.base, list(e.erased_concepts),
+                        CheckSettings.from_config(self.cfg.check), e.num_steps, e.guidance_scale)
+
+    def _set_learning_rate(self, lr: float):
+        """Rebuilds the optimizer and the jitted step for another learning rate (the in-run check's revert);
+        Adam's state has the same structure at every rate, so the restored state carries over."""
+        import jax
+
+        from unlearn_jax.train import ErasureStep, make_optimizer
+
+        t = self.cfg.train
+        self.optimizer = make_optimizer(lr, t.adam_b1, t.adam_b2, t.adam_eps, t.weight_decay, t.grad_clip)
+        self.step_fn = ErasureStep(self.model, self.eraser, self.schedule, self.settings, self.optimizer,
+                                   self.latent_shape)
+        self.jit_step = jax.jit(self.step_fn, donate_argnums=(0,), out_shardings=(self.state_sharding, None))
 
     # ---- data placement ------------------------------------------------------------------------
     def _place(self, arr, batched: bool):
@@ -420,7 +441,12 @@ class Run:
         history = _read_metrics(metrics_path, below=start)
         if self.is_main:
             _write_metrics(metrics_path, history)
+        if cfg.check.every and self.checker is None:
+            self.checker = self._build_checker()
+        checks = Checks(self, mngr, start) if self.checker is not None else None
         end = cfg.train.num_steps if stop_after_steps is None else min(cfg.train.num_steps, start + stop_after_steps)
+        if checks is not None and checks.final is not None:
+            end = start  # an in-run check already ended this run: only what is missing is done
         stop = {"signal": None}
         old_handler = None
         if threading_is_main():
@@ -429,7 +455,7 @@ class Run:
         bar = tqdm(total=cfg.train.num_steps, initial=start, desc="erase", disable=not (self.progress and self.is_main))
         log = open(metrics_path, "a") if self.is_main else None
         try:
-            for step in range(start, end):
+            while step < end:
                 t0 = time.perf_counter()
                 batch = self.host_batch(step)
                 new_state, m = self.jit_step(self.state, self.base, batch)
@@ -443,16 +469,29 @@ class Run:
                                         f"{ {k: m[k] for k in ('loss_unlearn', 'loss_loc', 'loss_pre')} }); the run "
                                         f"stopped and {kept}. Lower train.learning_rate or erase.eta and resume")
                 self.state = new_state
-                rec = {"step": step + 1, **{k: m[k] for k in LOGGED if k in m},
+                step += 1
+                rec = {"step": step, **{k: m[k] for k in LOGGED if k in m},
                        "seconds": round(time.perf_counter() - t0, 4)}
                 history.append(rec)
-                if log is not None and ((step + 1) % cfg.train.log_every == 0 or step + 1 == end):
+                if log is not None and (step % cfg.train.log_every == 0 or step == end):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 bar.update(1)
                 bar.set_postfix({k: f"{m[k]:.3g}" for k in ("loss", "loss_unlearn", "loss_loc", "loss_pre")})
-                if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < end:
-                    self._save(mngr, step + 1)
+                if checks is not None and (step % cfg.check.every == 0 or step == cfg.train.num_steps):
+                    back = checks.at(step, last=step == cfg.train.num_steps)
+                    if back is not None:  # reverted: the steps after `back` are trained again, more gently
+                        history = [r for r in history if r["step"] <= back]
+                        if log is not None:
+                            log.close()
+                            _write_metrics(metrics_path, history)
+                            log = open(metrics_path, "a")
+                        bar.n = step = back
+                        bar.refresh()
+                    if checks.final is not None:
+                        break
+                elif checks is None and step % cfg.train.checkpoint_every == 0 and step < end:
+                    self._save(mngr, step)
                 if stop["signal"]:
                     status = "interrupted"
                     break
@@ -468,13 +507,16 @@ class Run:
         summary = {"status": status, "step": step, "workdir": str(self.workdir)}
         if cfg.robust.every:
             summary["robust_cost"] = robust_cost(history)
+        if checks is not None:
+            summary["check"] = checks.summary()
         self.plot(history)  # every process joins the mask computation; the main one writes
-        if status == "completed" and step >= cfg.train.num_steps:
+        finished = step >= cfg.train.num_steps or (checks is not None and checks.final is not None)
+        if status == "completed" and finished:
             phi = _gather(self.state.phi)  # collective: every process takes part
             if self.is_main:
                 summary["exports"] = self.export(phi)
                 if cfg.evaluate.toy_world:
-                    summary.update(self.evaluate_toy_world(phi))
+                    summary.update(self.evaluate_toy_world(phi, summary.get("check")))
         return summary
 
     # ---- outputs -------------------------------------------------------------------------------
@@ -496,14 +538,18 @@ class Run:
                                "(no toy_world.json); evaluate real models with `unlearn-jax eval`")
         toy_eval.check_concept_names(e.erased_concepts, "config.evaluate.erased_concepts")
 
-    def evaluate_toy_world(self, phi) -> dict:
-        """The before/after table of a toy-world run (config.evaluate): eval.json and eval.md."""
+    def evaluate_toy_world(self, phi, check: dict | None = None) -> dict:
+        """The before/after table of a toy-world run (config.evaluate): eval.json and eval.md (with the in-run
+        check's outcome when the run had one)."""
         from unlearn_jax.toy import evaluate as toy_eval
 
         e = self.cfg.evaluate
         cfg = toy_eval.EvalConfig(n=e.n, num_steps=e.num_steps, guidance_scale=e.guidance_scale, seed=e.seed)
         out = toy_eval.evaluate_erasure(self.pipeline, (self.eraser, phi), cfg, list(e.erased_concepts))
         table = toy_eval.format_comparison(out["comparison"])
+        if check is not None:
+            out["in_run_check"] = check
+            table += f"\nin-run check: {check['outcome']}"
         toy_eval.write_results(self.workdir / "eval.json", self.workdir / "eval.md", out, table)
         # "completed" says the training ran to its end; whether it erased is this (also in eval.json)
         target = "met" if out["comparison"]["target_met"] else "NOT met"
@@ -566,6 +612,91 @@ class Run:
                 export.export_merged(target, self.model, self.eraser, phi, **kw)
             out.append(str(target))
         return out
+
+
+class Checks:
+    """The in-run check's decisions for one run (config.check), kept in <workdir>/checks.jsonl so a resumed run
+    continues with the same learning rate, reverts and verdict. With checks on, checkpoints are written at the
+    checks that pass (and at the start), so the newest passing one is the state to go back to."""
+
+    def __init__(self, run: "Run", mngr, start: int):
+        self.run, self.mngr = run, mngr
+        self.path = run.workdir / "checks.jsonl"
+        self.records = _read_records(self.path)
+        last = self.records[-1] if self.records else {}
+        self.lr_scale, self.reverts = last.get("lr_scale", 1.0), last.get("reverts", 0)
+        self.final = last.get("final")
+        self.good = last.get("good_step", 0)
+        if self.lr_scale != 1.0:
+            run._set_learning_rate(run.cfg.train.learning_rate * self.lr_scale)
+        if start == 0 and not self.records:
+            run._save(mngr, 0)  # the untrained erasers: where a revert before any passing check goes back to
+
+    def _write(self, rec: dict):
+        self.records.append(rec)
+        if self.run.is_main:
+            _write_metrics(self.path, self.records)
+
+    def at(self, step: int, last: bool) -> int | None:
+        """Judges the erasers at `step`; returns the step the run went back to, or None. Sets `final` when the
+        run ends here (the target reached, too many reverts, or the last step)."""
+        run, k = self.run, run_check_settings(self.run.cfg)
+        verdict = run.checker.judge_phi(run.base, run.state.phi)
+        rec = {"step": step, **verdict, "lr_scale": self.lr_scale}
+        back = None
+        if not verdict["harmed"]:
+            run._save(self.mngr, step)
+            self.good = step
+            rec["action"] = "kept"
+            if verdict["reached"]:
+                self.final = f"target reached at step {step}"
+                rec["action"] = "target reached: the run ends here"
+            elif last:
+                self.final = f"train.num_steps={step} reached without the target (erased rate {verdict['erased_rate']})"
+        else:
+            self.reverts += 1
+            back = self.good
+            run._restore(self.mngr, back)
+            for s in self.mngr.all_steps():  # the states after the one gone back to are not this run's any more
+                if s > back:
+                    self.mngr.delete(s)
+            if self.reverts > k.max_reverts or last:
+                self.final = (f"harmed the other concepts {self.reverts} times; stopped at the last state that passed "
+                              f"(step {back})")
+                rec["action"] = "stopped"
+            else:
+                self.lr_scale *= k.lr_decay
+                run._set_learning_rate(run.cfg.train.learning_rate * self.lr_scale)
+                rec["action"] = f"reverted to step {back}, learning rate x{self.lr_scale:g}"
+        rec.update(reverts=self.reverts, good_step=self.good, final=self.final)
+        self._write(rec)
+        if run.is_main:
+            print(f"check at step {step}: erased {verdict['erased_rate']:.2f} (broken {verdict['erased_broken']:.2f}), other concepts pooled drop "
+                  f"{verdict['pooled_drop']:+.2f} (largest {verdict['max_drop']:.2f} {verdict['max_drop_concept']}), "
+                  f"broken {verdict['broken_increase']:+.2f}: {rec['action']}"
+                  + (f" ({'; '.join(verdict['reasons'])})" if verdict.get("reasons") else ""), file=sys.stderr)
+        return back
+
+    def summary(self) -> dict:
+        outcome = self.final or "not ended (resume to continue)"
+        return {"outcome": outcome, "reached": bool(self.final and self.final.startswith("target reached")),
+                "checks": len(self.records), "reverts": self.reverts, "learning_rate_scale": self.lr_scale,
+                "final_step": self.good, "log": str(self.path)}
+
+
+def run_check_settings(cfg):
+    from unlearn_jax.toy.run_check import CheckSettings
+
+    return CheckSettings.from_config(cfg.check)
+
+
+def _read_records(path: Path) -> list[dict]:
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+    return out
 
 
 def _gather(tree):

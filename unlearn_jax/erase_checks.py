@@ -41,7 +41,10 @@ TRAJECTORY_FIELDS = (
     "train.batch_size", "train.learning_rate", "train.adam_b1", "train.adam_b2", "train.adam_eps",
     "train.weight_decay", "train.grad_clip",
     "robust",
+    "check",  # its verdicts stop the run and revert it; with check.every > 0 the evaluate fields it reads count too
 )
+# The evaluate fields the in-run check reads (a trajectory field while check.every > 0).
+CHECK_READS = ("evaluate.erased_concepts", "evaluate.num_steps", "evaluate.guidance_scale")
 
 # Every other field, and why a resumed run may change it.
 NOT_TRAJECTORY = {
@@ -59,7 +62,7 @@ NOT_TRAJECTORY = {
     "train.keep_checkpoints": "bookkeeping",
     "mesh": "how the same computation is split over devices",
     "distributed": "how the processes find each other",
-    "evaluate": "runs after training",
+    "evaluate": "runs after training (while check.every > 0 the fields of CHECK_READS also steer the run)",
     "export": "runs after training",
 }
 
@@ -218,6 +221,17 @@ def rules(ch: Mapping[str, tuple] | None = None) -> dict[str, Callable]:
         "distributed.num_processes": optional(integer(1)),
         "distributed.process_id": optional(integer(0)),
         "distributed.cpu_collectives": optional(choice(CPU_COLLECTIVES)),
+        "check.every": integer(0, note=" (0 turns the in-run check off)"),
+        "check.n": integer(1),
+        "check.n_other": integer(1),
+        "check.seed": _SEED,
+        "check.erased_target": number(0, hi=1),
+        "check.erased_broken_limit": number(0, hi=1),
+        "check.drop_margin": number(0, hi=1),
+        "check.pooled_margin": number(0, hi=1),
+        "check.broken_margin": number(0, hi=1),
+        "check.max_reverts": integer(0),
+        "check.lr_decay": number(0, lo_open=True, hi=1, hi_open=True),
         "evaluate.toy_world": boolean,
         "evaluate.erased_concepts": strings,
         "evaluate.n": integer(1),
@@ -312,6 +326,14 @@ def _cross_problems(c: Mapping) -> list[str]:
     if p.get("augment") == "file" and not p.get("file"):
         out.append("config.prompts.augment='file' needs config.prompts.file (a JSONL from `unlearn-jax prompts "
                    "augment`)")
+    k, e = c.get("check", {}), c.get("evaluate", {})
+    if k.get("every") and _is_int(k.get("every")) and k["every"] > 0:
+        if not e.get("toy_world"):
+            out.append(f"config.check.every={k['every']}: the in-run check judges with the toy world's detector; "
+                       "set config.evaluate.toy_world=True on a toy-world pipeline, or check.every=0")
+        elif not e.get("erased_concepts"):
+            out.append(f"config.check.every={k['every']}: needs config.evaluate.erased_concepts (the toy concepts "
+                       "the check judges, e.g. ['colour:red'])")
     d = c.get("distributed", {})
     n, pid = d.get("num_processes"), d.get("process_id")
     if _is_int(n) and _is_int(pid) and pid >= n:
@@ -439,7 +461,8 @@ def trajectory_changes(old_cfg_dict, new_cfg_dict) -> list[str]:
     old, new, default = _normal(old_cfg_dict), _normal(new_cfg_dict), _normal(_default_dict())
     missing = object()
     out = []
-    for field in TRAJECTORY_FIELDS:
+    checked = any((_get(src, "check.every") or 0) > 0 for src in (old, new))
+    for field in TRAJECTORY_FIELDS + (CHECK_READS if checked else ()):
         names = [field]
         if isinstance(_get(default, field), Mapping) or isinstance(_get(new, field), Mapping):
             keys = {}

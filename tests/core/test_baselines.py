@@ -162,7 +162,7 @@ def test_esd_config_is_the_method_without_its_additions():
     from unlearn_jax.config import load_config
     from repo_paths import ROOT
 
-    ours = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
+    ours = load_config(ROOT / "configs" / "toy_world" / "fixed_steps.py")  # the recipe the ESD row was measured beside
     esd = load_config(ROOT / "configs" / "toy_world" / "baselines" / "esd_red.py")
     assert (esd.eraser.kind, esd.erase.alpha_loc, esd.erase.beta_pre) == ("attn", 0.0, 0.0)
     assert esd.concepts[0]["prompts"] == [] and esd.concepts[0]["phrase"] == ours.concepts[0]["phrase"]

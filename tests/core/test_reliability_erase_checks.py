@@ -238,3 +238,19 @@ def test_check_resume_message(tmp_path):
     msg = str(e.value)
     assert str(tmp_path) in msg and "train.batch_size (1 -> 4)" in msg and "train.num_steps may grow" in msg
     assert "\n" not in msg
+
+
+def test_config_file_argument(tmp_path):
+    """`file.py:ARG` passes ARG to get_config (ml_collections' convention); mistakes are one line."""
+    from unlearn_jax.errors import UnlearnError
+
+    c = load_config(f"{ROOT / 'configs' / 'toy_world' / 'erase.py'}:shape:triangle")
+    assert c.evaluate.erased_concepts == ["shape:triangle"] and c.concepts[0]["phrase"] == "triangle"
+    assert c.workdir == "runs/toy_world/erase/shape_triangle" and E.problems(c) == []
+    assert load_config(ROOT / "configs" / "toy_world" / "erase.py").evaluate.erased_concepts == ["colour:red"]
+    with pytest.raises(UnlearnError, match=r"erase.py:colour:purple: unknown toy concepts"):
+        load_config(f"{ROOT / 'configs' / 'toy_world' / 'erase.py'}:colour:purple")
+    with pytest.raises(UnlearnError, match=r"get_config\(\) takes no argument; drop ':x'"):
+        load_config(f"{ROOT / 'configs' / 'tiny_test.py'}:x")
+    with pytest.raises(UnlearnError, match="no such config file"):
+        load_config(tmp_path / "missing.py:x")

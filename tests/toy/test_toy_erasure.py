@@ -1,9 +1,11 @@
-"""Erasure that can be seen: a short run on the bundled toy-world model removes red and keeps green.
+"""Erasure that can be seen: the default recipe on the bundled toy-world model removes a shape and keeps the rest.
 
-The full-size run (configs/toy_world/erase_red.py, 150 steps, every concept evaluated) and its
-ablations are in the README; this is the same config (its 150 steps) judged on two concepts.
+The full-size runs (configs/toy_world/erase.py for each of the 11 concepts, n = 64) are in the README;
+this is the same recipe erasing a shape, judged at n = 8.
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -44,18 +46,30 @@ def test_eval_prompts_avoid_erased_concepts():
     assert sum(it["concept"] == "colour:red" for it in items) == 2 * cfg.n
 
 
-def test_erasure_removes_red_and_keeps_green(tmp_path):
-    from helpers_erase import short_toy_erasure
+def test_the_default_recipe_erases_a_shape_and_keeps_the_rest(tmp_path):
+    """configs/toy_world/erase.py with only the concept named (shape:triangle): the in-run check stops the run
+    when the triangle is gone; judged at n = 8 on every concept (the README's sweep is n = 64)."""
+    from unlearn_jax.erase import run_erase
 
-    # the config's own 150 steps: cut to 50, most of red's videos are broken (half-way), not yet blue
-    cmp = short_toy_erasure(ROOT / "configs" / "toy_world" / "erase_red.py", tmp_path / "run", steps=150)
-    red, green = cmp["rates"]["colour:red"], cmp["rates"]["colour:green"]
+    c = load_config(f"{ROOT / 'configs' / 'toy_world' / 'erase.py'}:shape:triangle")
+    c.workdir = str(tmp_path / "run")
+    c.evaluate.n = 8
+    c.export.formats = ["erasers"]
+    out = run_erase(c, progress=False)
+    assert out["check"]["reached"], out["check"]
+    cmp = json.loads((tmp_path / "run" / "eval.json").read_text())["comparison"]
+    print(out["table"])
+    tri = cmp["rates"]["shape:triangle"]
     for split in ("train", "heldout"):
-        assert red[split]["base"] >= 0.75
-        # erased, not broken: a broken video counts as not erased
-        assert red[split]["still"] <= red[split]["base"] - 0.5, (split, red)
-        assert green[split]["erased"] >= green[split]["base"] - 0.25, (split, green)
-        assert green[split]["broken_erased"] <= green[split]["broken_base"] + 0.15, (split, green)
+        assert tri[split]["base"] >= 0.75
+        assert tri[split]["still"] <= 0.25, (split, tri[split])  # gone, and not by breaking the videos
+        assert tri[split]["others_kept"]["erased"]["colour"] >= tri[split]["others_kept"]["base"]["colour"] - 0.25
+    for name, row in cmp["rates"].items():
+        if name == "shape:triangle":
+            continue
+        for split, cell in row.items():
+            assert cell["erased"] >= cell["base"] - 0.25, (name, split, cell)
+            assert cell["broken_erased"] <= cell["broken_base"] + 0.125, (name, split, cell)  # one video of 8
 
 
 def test_aliases_mark_synonym_tokens_as_the_concepts(tmp_path):

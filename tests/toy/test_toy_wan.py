@@ -1,8 +1,8 @@
 """The Wan-architecture toy model (assets/toy_world_wan): read through the Wan family, sampled, erased.
 
 The folder is a `WanPipeline` layout (no vae/: pixels); the same toy world, the same frozen text
-encoder as the CogVideoX toy, encoded the Wan way. The erasure is configs/toy_world/wan/erase_red.py
-cut short and judged on two concepts, as tests/toy/test_toy_erasure.py does for the CogVideoX toy.
+encoder as the CogVideoX toy, encoded the Wan way. The erasure test runs the fixed-step recipe
+(configs/toy_world/fixed_steps.py) on the Wan toy cut short and judges it on two concepts.
 """
 from __future__ import annotations
 
@@ -97,7 +97,9 @@ def test_short_erasure_of_the_wan_toy_acts_on_red_and_keeps_green(tmp_path):
     """
     from helpers_erase import short_toy_erasure
 
-    cmp = short_toy_erasure(ROOT / "configs" / "toy_world" / "wan" / "erase_red.py", tmp_path / "run", steps=40)
+    # the fixed-step recipe (captions, x_t from the erased model) on the Wan toy: 40 steps change red's videos
+    cmp = short_toy_erasure(ROOT / "configs" / "toy_world" / "fixed_steps.py", tmp_path / "run", steps=40,
+                            model_path=ROOT / "assets" / "toy_world_wan")
     red, green = cmp["rates"]["colour:red"], cmp["rates"]["colour:green"]
     for split in ("train", "heldout"):
         assert red[split]["base"] >= 0.75

@@ -29,7 +29,10 @@ ROWS = {
                                  "(inference only)"),
     "safree-filter-only": ("eval", "safree --safree-filter-only", "SAFREE's filtering alone, no negative prompt"),
     "esd": ("erase", "configs/toy_world/baselines/esd_red.py", "ESD-style: attention weights fine-tuned, no L_loc, no L_pre"),
-    "ours": ("erase", "configs/toy_world/erase_red.py", "this project: adapter erasers, L_loc, L_pre (the main job)"),
+    "ours": ("erase", "configs/toy_world/fixed_steps.py", "this project: adapter erasers, L_loc, L_pre, 150 fixed steps "
+                                                         "(fixed_steps.py)"),
+    "ours-check": ("erase", "configs/toy_world/erase_red.py", "this project, the one recipe: the concept's word, "
+                                                              "stopped by the in-run check (the main job)"),
 }
 
 

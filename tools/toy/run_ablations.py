@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNS = {  # name -> (config file, README row label)
-    "default": ("configs/toy_world/erase_red.py", "adapter eraser, augmentation, L_loc, L_pre, x_t from the erased model"),
+    "default": ("configs/toy_world/fixed_steps.py", "adapter eraser, augmentation, L_loc, L_pre, x_t from the erased model"),
     "no_augmentation": ("configs/toy_world/ablations/no_augmentation.py", "no prompt augmentation"),
     "no_localization": ("configs/toy_world/ablations/no_localization.py", "no localization (α = 0)"),
     "no_preservation": ("configs/toy_world/ablations/no_preservation.py", "no preservation (β = 0)"),
@@ -29,7 +29,7 @@ RUNS = {  # name -> (config file, README row label)
 
 
 def workdir(name: str) -> Path:
-    return ROOT / "runs" / "toy_world" / ("erase_red" if name == "default" else f"ablations/{name}")
+    return ROOT / "runs" / "toy_world" / ("fixed_steps" if name == "default" else f"ablations/{name}")
 
 
 def run(name: str) -> float | None:

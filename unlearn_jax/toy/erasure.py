@@ -67,14 +67,14 @@ def concept_entries(concepts, **kwargs) -> list[dict]:
 
 def ablation_config(config_file: str):
     """The config of an ablation file in configs/toy_world/ablations/ (pass its `__file__`): the
-    bundled erase_red.py config beside it, with workdir runs/toy_world/ablations/<file stem> and
+    bundled fixed_steps.py config beside it, with workdir runs/toy_world/ablations/<file stem> and
     only our eraser export. The ablation file then changes what it ablates."""
     from pathlib import Path
 
     from unlearn_jax.config import load_config
 
     path = Path(config_file).resolve()
-    c = load_config(path.parents[1] / "erase_red.py")
+    c = load_config(path.parents[1] / "fixed_steps.py")
     c.workdir = f"runs/toy_world/ablations/{path.stem}"
     c.export.formats = ["erasers"]
     return c

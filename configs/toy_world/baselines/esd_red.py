@@ -3,11 +3,11 @@
     unlearn-jax erase --config configs/toy_world/baselines/esd_red.py
 
 ESD (Gandikota et al. 2023) in this framework: the same negatively guided target as the method
-(eta as in configs/toy_world/erase_red.py), trained on the bare concept prompt ("red"), with no
+(eta as in configs/toy_world/fixed_steps.py), trained on the bare concept prompt ("red"), with no
 localization loss (alpha 0), no preservation loss (beta 0), and no eraser module: the attention
 weights of every block are fine-tuned (`eraser.kind = "attn"`, the counterpart of ESD-x's
 cross-attention in a joint-attention transformer). Everything else (sampler, x_t from the model
-being trained, steps, batch) is the default run's; the evaluation that follows is the same.
+being trained, steps, batch) is fixed_steps.py's; the evaluation that follows is the same.
 (The comparison of every method: python tools/toy/compare_methods.py)
 """
 from pathlib import Path
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def get_config():
-    c = load_config(ROOT / "configs" / "toy_world" / "erase_red.py")
+    c = load_config(ROOT / "configs" / "toy_world" / "fixed_steps.py")
     c.workdir = "runs/toy_world/baselines/esd_red"
     c.concepts = [concept_entry("colour", "red", augment=False)]
     c.erase.alpha_loc = 0.0
