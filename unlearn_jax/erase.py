@@ -627,6 +627,7 @@ class Checks:
         self.lr_scale, self.reverts = last.get("lr_scale", 1.0), last.get("reverts", 0)
         self.final = last.get("final")
         self.good = last.get("good_step", 0)
+        self.streak = last.get("streak", 0)  # checks in a row that found the concept gone
         if self.lr_scale != 1.0:
             run._set_learning_rate(run.cfg.train.learning_rate * self.lr_scale)
         if start == 0 and not self.records:
@@ -648,13 +649,19 @@ class Checks:
             run._save(self.mngr, step)
             self.good = step
             rec["action"] = "kept"
-            if verdict["reached"]:
+            self.streak = self.streak + 1 if verdict["reached"] else 0
+            if verdict["reached"] and self.streak >= k.confirm:
                 self.final = f"target reached at step {step}"
                 rec["action"] = "target reached: the run ends here"
-            elif last:
-                self.final = f"train.num_steps={step} reached without the target (erased rate {verdict['erased_rate']})"
+            else:
+                if verdict["reached"]:
+                    rec["action"] = f"gone ({self.streak} of {k.confirm} checks in a row): kept"
+                if last:
+                    self.final = (f"train.num_steps={step} reached without the target confirmed (erased rate "
+                                  f"{verdict['erased_rate']:.2f}, gone at {self.streak} of {k.confirm} checks in a row)")
         else:
             self.reverts += 1
+            self.streak = 0
             back = self.good
             run._restore(self.mngr, back)
             for s in self.mngr.all_steps():  # the states after the one gone back to are not this run's any more
@@ -668,7 +675,7 @@ class Checks:
                 self.lr_scale *= k.lr_decay
                 run._set_learning_rate(run.cfg.train.learning_rate * self.lr_scale)
                 rec["action"] = f"reverted to step {back}, learning rate x{self.lr_scale:g}"
-        rec.update(reverts=self.reverts, good_step=self.good, final=self.final)
+        rec.update(reverts=self.reverts, good_step=self.good, streak=self.streak, final=self.final)
         self._write(rec)
         if run.is_main:
             print(f"check at step {step}: erased {verdict['erased_rate']:.2f} (broken {verdict['erased_broken']:.2f}), other concepts pooled drop "

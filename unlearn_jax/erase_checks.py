@@ -231,6 +231,7 @@ def rules(ch: Mapping[str, tuple] | None = None) -> dict[str, Callable]:
         "check.pooled_margin": number(0, hi=1),
         "check.broken_margin": number(0, hi=1),
         "check.max_reverts": integer(0),
+        "check.confirm": integer(1),
         "check.lr_decay": number(0, lo_open=True, hi=1, hi_open=True),
         "evaluate.toy_world": boolean,
         "evaluate.erased_concepts": strings,

@@ -114,19 +114,20 @@ def default_config() -> ConfigDict:
     # In-run check (toy-world pipelines; unlearn_jax/toy/run_check.py): every `every` steps (0: off) a small
     # fixed set of videos (`n` prompts per erased concept of evaluate.erased_concepts, `n_other` per other
     # concept, train synonyms, a seed of its own) is generated with the current erasers and judged against the
-    # base model's. The run stops when the erased concepts are gone (rate + broken <= erased_target) with the
-    # rest intact; when the rest is harmed (one concept down > drop_margin, all others pooled down >
+    # base model's. The run stops when `confirm` checks in a row find the erased concepts gone (rate + broken
+    # <= erased_target) with the rest intact; when the rest is harmed (one concept down > drop_margin, all others pooled down >
     # pooled_margin, or their broken fraction up > broken_margin) or the erasure overshoots (more than
     # erased_broken_limit of the erased concept's own videos broken) it goes back to the last state that passed
     # and multiplies the learning rate by lr_decay; after max_reverts such reverts it stops there. The
     # decisions are in <workdir>/checks.jsonl and the run's summary / eval.json.
     c.check = ConfigDict()
     c.check.every = 0
-    c.check.n = 16
+    c.check.n = 32
     c.check.n_other = 8
     c.check.seed = 1009
     c.check.erased_target = 0.07
     c.check.erased_broken_limit = 0.2
+    c.check.confirm = 2
     c.check.drop_margin = 0.25
     c.check.pooled_margin = 0.05
     c.check.broken_margin = 0.05

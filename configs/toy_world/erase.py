@@ -7,10 +7,10 @@ x_t sampled by the erased model as it trains (the method's; a bank of frozen-mod
 9x faster and erased colours and shapes, but not a motion); the prompt pool is the concept's own word (the
 first train synonym; its other train synonyms count as the concept's tokens); preservation prompts
 name the attribute's other values. Training does not run a fixed number of steps: every 10 steps
-the in-run check (config.check, unlearn_jax/toy/run_check.py) generates 16 videos of the concept
-and 8 of every other concept with the current erasers and stops the run when the concept is gone
-with the rest intact; if the rest is harmed it goes back to the last state that passed at half the
-learning rate. train.num_steps (300) is only the budget. Then every toy concept is generated with
+the in-run check (config.check, unlearn_jax/toy/run_check.py) generates 32 videos of the concept
+and 8 of every other concept with the current erasers and stops the run when two checks in a row
+find the concept gone with the rest intact; if the rest is harmed, or the concept's own videos
+break, it goes back to the last state that passed at half the learning rate. train.num_steps (300) is only the budget. Then every toy concept is generated with
 the base and the erased model (n = 64 per concept and synonym split, same prompts, same noise) and
 the before/after table is printed (also <workdir>/eval.json, with the check's outcome).
 

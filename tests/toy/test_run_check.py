@@ -151,6 +151,7 @@ def _loop_config(workdir):
     c.train.num_steps, c.train.batch_size, c.sampler.num_steps = 12, 1, 5
     c.sampler.xt_source, c.sampler.bank_size = "frozen_bank", 1
     c.check.every = 3
+    c.check.confirm = 1
     c.export.formats = ["erasers"]
     c.evaluate.n, c.evaluate.num_steps = 1, 2
     return c
@@ -202,3 +203,29 @@ def test_too_many_reverts_stop_at_the_last_state_that_passed(monkeypatch, tmp_pa
     assert out["step"] == 3 and out["check"]["reverts"] == 2 and not out["check"]["reached"]
     assert "stopped at the last state that passed (step 3)" in out["check"]["outcome"]
     assert out["erasure_target"] in ("met", "NOT met") and "in-run check: harmed" in out["table"]
+
+
+def test_the_concept_must_be_gone_at_confirm_checks_in_a_row(monkeypatch, tmp_path):
+    import json
+
+    from unlearn_jax.erase import run_erase
+
+    seen = []
+    _scripted(monkeypatch, [DONE, PASS, DONE, DONE], seen)  # gone, back again, then gone twice
+    c = _loop_config(tmp_path / "c")
+    c.check.confirm = 2
+    out = run_erase(c, progress=False)
+    assert out["check"]["outcome"] == "target reached at step 12" and out["check"]["reached"]
+    recs = [json.loads(x) for x in (tmp_path / "c" / "checks.jsonl").read_text().splitlines()]
+    assert [r["streak"] for r in recs] == [1, 0, 1, 2]
+    assert recs[0]["action"] == "gone (1 of 2 checks in a row): kept"
+    # the budget spent with the concept gone once at the end: said, not "reached"
+    _scripted(monkeypatch, [PASS, PASS, PASS, DONE], seen)
+    out = run_erase(_confirm2(tmp_path / "d"), progress=False)
+    assert not out["check"]["reached"] and "without the target confirmed" in out["check"]["outcome"]
+
+
+def _confirm2(workdir):
+    c = _loop_config(workdir)
+    c.check.confirm = 2
+    return c

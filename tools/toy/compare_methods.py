@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from unlearn_jax.toy.evaluate import write_table  # noqa: E402
 OUT = ROOT / "runs" / "toy_world" / "compare"
 CONCEPT = "colour:red"
 # name -> (kind, config file or method, README row label)
@@ -101,11 +104,7 @@ def main(argv=None) -> int:
     for name in names:
         line, figures[name] = row(name)
         lines.append(line)
-    text = "\n".join(lines) + "\n"
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
-    Path(a.out).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
-    print(text)
+    print(write_table(a.out, lines, figures))
     return 0
 
 

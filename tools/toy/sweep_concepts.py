@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from unlearn_jax.toy.evaluate import concept_name, concepts  # noqa: E402
+from unlearn_jax.toy.evaluate import concept_name, concepts, write_table  # noqa: E402
 
 
 def run(config: str, concept: str, workdir: Path, n: int) -> float:
@@ -82,11 +82,7 @@ def main(argv=None) -> int:
         lines.append(line)
     met = sum(f["target_met"] for f in figures.values())
     lines.append(f"\ntarget met for {met} of {len(figures)} concepts (n = {a.n} per concept and split)")
-    text = "\n".join(lines) + "\n"
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(text)
-    Path(a.out).with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
-    print(text)
+    print(write_table(a.out, lines, figures))
     return 0
 
 

@@ -389,6 +389,21 @@ def write_results(json_path, md_path, results: dict, table: str):
         f.write(f"```\n{table}\n```\n")
 
 
+def write_table(path, lines: Sequence[str], figures: dict) -> str:
+    """A tool's README table: the Markdown lines at `path` and the figures beside it (`.json`), each written
+    atomically; returns the text."""
+    from unlearn_jax.atomic import atomic_file
+
+    text = "\n".join(lines) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as f:
+        f.write(text)
+    with atomic_file(path.with_suffix(".json"), "w") as f:
+        f.write(json.dumps(figures, indent=1) + "\n")
+    return text
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -425,4 +440,4 @@ if __name__ == "__main__":
 __all__ = ["BROKEN_MARGIN", "EvalConfig", "wilson", "check_concept_names", "compare", "concepts", "eval_prompts", "evaluate", "evaluate_erasure",
            "format_comparison", "format_table", "generate", "latent_layout", "load_pipeline", "main", "make_generator",
            "summarize",
-           "video_grid", "write_png", "write_results"]
+           "video_grid", "write_png", "write_results", "write_table"]

@@ -28,10 +28,11 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class CheckSettings:
     every: int = 25              # training steps between checks (0: off)
-    n: int = 16                  # prompts per erased concept
+    n: int = 32                  # prompts per erased concept
     n_other: int = 8             # prompts per other concept
     seed: int = 1009             # prompts and noise of the check (the final evaluation uses evaluate.seed)
-    erased_target: float = 0.07  # stop when the erased concept's rate plus its broken fraction is at most this (1 of 16)
+    erased_target: float = 0.07  # gone: the erased concept's rate plus its broken fraction at most this (2 of 32)
+    confirm: int = 2             # stop when this many checks in a row find the concept gone (one may be mid-way)
     erased_broken_limit: float = 0.2  # more of the erased concept's videos broken than this: overshoot (harm)
     drop_margin: float = 0.25    # one other concept may lose at most this much of its base rate
     pooled_margin: float = 0.05  # the other concepts' pooled rate may drop at most this much
