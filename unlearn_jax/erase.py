@@ -668,8 +668,8 @@ class Checks:
                 if s > back:
                     self.mngr.delete(s)
             if self.reverts > k.max_reverts or last:
-                self.final = (f"harmed the other concepts {self.reverts} times; stopped at the last state that passed "
-                              f"(step {back})")
+                self.final = (f"harm found {self.reverts} times (other concepts, or the concept's own videos broken); "
+                              f"stopped at the last state that passed (step {back})")
                 rec["action"] = "stopped"
             else:
                 self.lr_scale *= k.lr_decay
@@ -678,8 +678,8 @@ class Checks:
         rec.update(reverts=self.reverts, good_step=self.good, streak=self.streak, final=self.final)
         self._write(rec)
         if run.is_main:
-            print(f"check at step {step}: erased {verdict['erased_rate']:.2f} (broken {verdict['erased_broken']:.2f}), other concepts pooled drop "
-                  f"{verdict['pooled_drop']:+.2f} (largest {verdict['max_drop']:.2f} {verdict['max_drop_concept']}), "
+            print(f"check at step {step}: erased {verdict['erased_rate']:.2f} (broken {verdict['erased_broken']:.2f}), "
+                  f"other concepts pooled drop {verdict['pooled_drop']:+.2f} (largest {verdict['max_drop']:.2f} {verdict['max_drop_concept']}), "
                   f"broken {verdict['broken_increase']:+.2f}: {rec['action']}"
                   + (f" ({'; '.join(verdict['reasons'])})" if verdict.get("reasons") else ""), file=sys.stderr)
         return back

@@ -332,6 +332,9 @@ def _cross_problems(c: Mapping) -> list[str]:
         if not e.get("toy_world"):
             out.append(f"config.check.every={k['every']}: the in-run check judges with the toy world's detector; "
                        "set config.evaluate.toy_world=True on a toy-world pipeline, or check.every=0")
+        elif c.get("distributed", {}).get("enabled"):
+            out.append(f"config.check.every={k['every']}: the in-run check runs in one process (toy-world runs); "
+                       "set check.every=0 for a multi-host run")
         elif not e.get("erased_concepts"):
             out.append(f"config.check.every={k['every']}: needs config.evaluate.erased_concepts (the toy concepts "
                        "the check judges, e.g. ['colour:red'])")

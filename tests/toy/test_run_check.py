@@ -99,6 +99,9 @@ def test_check_config_rules():
     assert any("needs config.evaluate.erased_concepts" in p for p in problems(c))
     c.evaluate.erased_concepts = ["colour:red"]
     assert problems(c) == []
+    c.distributed.enabled = True
+    assert any("runs in one process" in p for p in problems(c))
+    c.distributed.enabled = False
     c.check.lr_decay = 1.0
     assert any(p.startswith("config.check.lr_decay=1.0: must be") for p in problems(c))
 
@@ -202,7 +205,7 @@ def test_too_many_reverts_stop_at_the_last_state_that_passed(monkeypatch, tmp_pa
     out = run_erase(c, progress=False)
     assert out["step"] == 3 and out["check"]["reverts"] == 2 and not out["check"]["reached"]
     assert "stopped at the last state that passed (step 3)" in out["check"]["outcome"]
-    assert out["erasure_target"] in ("met", "NOT met") and "in-run check: harmed" in out["table"]
+    assert out["erasure_target"] in ("met", "NOT met") and "in-run check: harm found 2 times" in out["table"]
 
 
 def test_the_concept_must_be_gone_at_confirm_checks_in_a_row(monkeypatch, tmp_path):
