@@ -1,6 +1,6 @@
 """Erasure that can be seen: the default recipe on the bundled toy-world model removes a shape and keeps the rest.
 
-The full-size runs (configs/toy_world/erase.py for each of the 11 concepts, n = 64) are in the README;
+The sweep of configs/toy_world/erase.py over the concepts (n = 64) is in the README;
 this is the same recipe erasing a shape, judged at n = 8.
 """
 from __future__ import annotations

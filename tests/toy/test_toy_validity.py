@@ -115,7 +115,7 @@ def test_a_run_that_misses_its_target_says_so(tmp_path, capsys):
 
     rc = cli_main(["erase", "--config", str(ROOT / "configs" / "toy_world" / "erase_red.py"), "--no-progress",
                    f"--config.workdir={tmp_path / 'run'}", "--config.train.num_steps=2",
-                   "--config.train.checkpoint_every=1000", "--config.evaluate.n=2",
+                   "--config.train.checkpoint_every=1000", "--config.evaluate.n=2", "--config.check.every=0",
                    "--config.export.formats=['erasers']"])
     assert rc == 0
     out, err = capsys.readouterr()
