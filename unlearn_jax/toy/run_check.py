@@ -27,7 +27,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class CheckSettings:
-    every: int = 25              # training steps between checks (0: off)
+    every: int = 0               # training steps between checks (0: off; the config default too)
     n: int = 32                  # prompts per erased concept
     n_other: int = 8             # prompts per other concept
     seed: int = 1009             # prompts and noise of the check (the final evaluation uses evaluate.seed)
