@@ -175,7 +175,7 @@ class Run:
         from unlearn_jax.loading import load_transformer, resolve_transformer_dir
         from unlearn_jax.parallel import DEFAULT_RULES, make_mesh, named_sharding
         from unlearn_jax.schedulers import make_schedule
-        from unlearn_jax.train import ErasureStep, StepSettings, init_state, make_optimizer
+        from unlearn_jax.train import StepSettings, init_state
 
         self.pipeline = Path(cfg.model.path)
         resolve_transformer_dir(self.pipeline)
@@ -220,10 +220,6 @@ class Run:
             cfg.sampler.kind = families.of_model(self.model).training_sampler(self.model.config)
         self.schedule = make_schedule(scheduler_config(cfg, self.pipeline, families.of_model(self.model)),
                                       cfg.sampler.num_steps)
-        self.optimizer = make_optimizer(cfg.train.learning_rate, cfg.train.adam_b1, cfg.train.adam_b2,
-                                        cfg.train.adam_eps, cfg.train.weight_decay, cfg.train.grad_clip)
-        self.step_fn = ErasureStep(self.model, self.eraser, self.schedule, self.settings, self.optimizer,
-                                   self.latent_shape)
         _, self.base = nnx.split(self.model)
 
         # Trainable state, fp32, sharded like the model (logical axes -> mesh).
@@ -232,7 +228,7 @@ class Run:
         self.phi_sharding = jax.tree.map(lambda a, x: named_sharding(a, x.shape, self.mesh, self.rules), axes, phi,
                                          is_leaf=lambda a: isinstance(a, tuple))
         phi = jax.device_put(phi, self.phi_sharding)
-        state = init_state(phi, self.optimizer, cfg.seed)
+        state = init_state(phi, self._optimizer(cfg.train.learning_rate), cfg.seed)
         repl = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         # Adam moments share phi's layout; counters and the RNG are replicated.
         self.state_sharding = jax.tree.map(
@@ -240,7 +236,7 @@ class Run:
             state)
         self.state = jax.device_put(state, self.state_sharding)
         self.batch_axes = named_sharding(("batch",), (cfg.train.batch_size,), self.mesh, self.rules).spec[0]
-        self.jit_step = jax.jit(self.step_fn, donate_argnums=(0,), out_shardings=(self.state_sharding, None))
+        self._set_learning_rate(cfg.train.learning_rate)  # the optimizer, the step and its jitted form
         self.bank = None
         if self.settings.xt_source == "frozen_bank":
             self.bank = self._build_bank()
@@ -253,15 +249,20 @@ class Run:
         return ToyCheck(self.pipeline, self.step_fn.velocity, self.base, list(e.erased_concepts),
                         CheckSettings.from_config(self.cfg.check), e.num_steps, e.guidance_scale)
 
-    def _set_learning_rate(self, lr: float):
-        """Rebuilds the optimizer and the jitted step for another learning rate (the in-run check's revert);
-        Adam's state has the same structure at every rate, so the restored state carries over."""
-        import jax
-
-        from unlearn_jax.train import ErasureStep, make_optimizer
+    def _optimizer(self, lr: float):
+        from unlearn_jax.train import make_optimizer
 
         t = self.cfg.train
-        self.optimizer = make_optimizer(lr, t.adam_b1, t.adam_b2, t.adam_eps, t.weight_decay, t.grad_clip)
+        return make_optimizer(lr, t.adam_b1, t.adam_b2, t.adam_eps, t.weight_decay, t.grad_clip)
+
+    def _set_learning_rate(self, lr: float):
+        """Builds the optimizer and the jitted step for a learning rate (at setup, and again at the in-run
+        check's revert); Adam's state has the same structure at every rate, so a restored state carries over."""
+        import jax
+
+        from unlearn_jax.train import ErasureStep
+
+        self.optimizer = self._optimizer(lr)
         self.step_fn = ErasureStep(self.model, self.eraser, self.schedule, self.settings, self.optimizer,
                                    self.latent_shape)
         self.jit_step = jax.jit(self.step_fn, donate_argnums=(0,), out_shardings=(self.state_sharding, None))
@@ -628,6 +629,9 @@ class Checks:
         self.final = last.get("final")
         self.good = last.get("good_step", 0)
         self.streak = last.get("streak", 0)  # checks in a row that found the concept gone
+        from unlearn_jax.toy.run_check import CheckSettings
+
+        self.settings = CheckSettings.from_config(run.cfg.check)
         if self.lr_scale != 1.0:
             run._set_learning_rate(run.cfg.train.learning_rate * self.lr_scale)
         if start == 0 and not self.records:
@@ -641,7 +645,7 @@ class Checks:
     def at(self, step: int, last: bool) -> int | None:
         """Judges the erasers at `step`; returns the step the run went back to, or None. Sets `final` when the
         run ends here (the target reached, too many reverts, or the last step)."""
-        run, k = self.run, run_check_settings(self.run.cfg)
+        run, k = self.run, self.settings
         verdict = run.checker.judge_phi(run.base, run.state.phi)
         rec = {"step": step, **verdict, "lr_scale": self.lr_scale}
         back = None
@@ -691,13 +695,8 @@ class Checks:
                 "final_step": self.good, "log": str(self.path)}
 
 
-def run_check_settings(cfg):
-    from unlearn_jax.toy.run_check import CheckSettings
-
-    return CheckSettings.from_config(cfg.check)
-
-
 def _read_records(path: Path) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line (a torn last line is skipped); none if it is missing."""
     out = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -737,15 +736,7 @@ def threading_is_main() -> bool:
 
 def _read_metrics(path: Path, below: int) -> list[dict]:
     """Logged records of steps <= `below` (a resumed run rewrites what came after its checkpoint)."""
-    out = []
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError):
-            rec = json.loads(line)
-            if rec.get("step", 0) <= below:
-                out.append(rec)
-    return out
+    return [r for r in _read_records(path) if r.get("step", 0) <= below]
 
 
 def _write_metrics(path: Path, records: list[dict]):

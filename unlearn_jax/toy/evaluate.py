@@ -174,20 +174,28 @@ def generate(model, sched: SchedulerConfig, world_cfg: WorldConfig, encode: Call
     if layout not in ("FCHW", "CFHW"):
         raise ValueError(f"layout {layout!r}: expected 'FCHW' or 'CFHW'")
     shape = (world_cfg.frames, 3, world_cfg.size, world_cfg.size)
-    latent = shape if layout == "FCHW" else (3, world_cfg.frames, world_cfg.size, world_cfg.size)
     out = []
     bs = cfg.batch_size
     for start in range(0, len(prompts), bs):
         idx = np.arange(start, min(start + bs, len(prompts)))
         n = len(idx)
         pad = np.concatenate([idx, np.repeat(idx[:1], bs - n)]) if n < bs else idx
-        noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), latent, jnp.float32) for i in pad])
+        noise = prompt_noise(key, pad, world_cfg, layout)
         ctx = ctx_all[pad] if cond.late is None else windowed(ctx_all[pad], late[pad], until[pad])
-        latents = np.asarray(gen(noise, ctx, uncond))
-        if layout == "CFHW":
-            latents = latents.transpose(0, 2, 1, 3, 4)
-        out.append(from_model_space(latents)[:n])
+        out.append(to_videos(np.asarray(gen(noise, ctx, uncond)), layout)[:n])
     return np.concatenate(out) if out else np.zeros((0, *shape), np.float32)
+
+
+def prompt_noise(key, indices, world_cfg: WorldConfig, layout: str):
+    """The starting noise of prompts `indices`: normal(fold_in(key, i)) in the model's latent layout."""
+    f, s = world_cfg.frames, world_cfg.size
+    latent = (f, 3, s, s) if layout == "FCHW" else (3, f, s, s)
+    return jnp.stack([jax.random.normal(jax.random.fold_in(key, int(i)), latent, jnp.float32) for i in indices])
+
+
+def to_videos(latents: np.ndarray, layout: str) -> np.ndarray:
+    """Final latents in the model's layout -> the detector's (N, frames, 3, H, W) videos in [0, 1]."""
+    return from_model_space(latents.transpose(0, 2, 1, 3, 4) if layout == "CFHW" else latents)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -439,5 +447,5 @@ if __name__ == "__main__":
 
 __all__ = ["BROKEN_MARGIN", "EvalConfig", "wilson", "check_concept_names", "compare", "concepts", "eval_prompts", "evaluate", "evaluate_erasure",
            "format_comparison", "format_table", "generate", "latent_layout", "load_pipeline", "main", "make_generator",
-           "summarize",
+           "prompt_noise", "summarize", "to_videos",
            "video_grid", "write_png", "write_results", "write_table"]

@@ -21,7 +21,6 @@ import dataclasses
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -45,7 +44,7 @@ class CheckSettings:
         return cls(**{f.name: getattr(c, f.name) for f in dataclasses.fields(cls)})
 
 
-def _stats(items: Sequence[dict], detections: Sequence[dict], erased: Sequence[str]) -> dict:
+def _stats(items: Sequence[dict], detections: Sequence[dict]) -> dict:
     """Per concept: (shown, broken, n) counts."""
     out = {}
     for it, d in zip(items, detections):
@@ -66,7 +65,7 @@ def judge(items: Sequence[dict], base: Sequence[dict], now: Sequence[dict], eras
     of the erased concept's own videos are broken (the erasure overshot: a broken video is not an erased one);
     reached: erased_rate <= erased_target and not harmed.
     """
-    b, c = _stats(items, base, erased), _stats(items, now, erased)
+    b, c = _stats(items, base), _stats(items, now)
     erased_rate = max(((c[k][0] + c[k][1]) / c[k][2] for k in erased if k in c), default=0.0)
     erased_broken = max((c[k][1] / c[k][2] for k in erased if k in c), default=0.0)
     others = [k for k in b if k not in erased]
@@ -113,13 +112,9 @@ class ToyCheck:
         self.ctx = encode([it["prompt"] for it in self.items])
         self.uncond = encode([""])
         schedule = make_schedule(sched, num_steps)
-        layout = E.latent_layout(model)
-        shape = (world_cfg.frames, 3, world_cfg.size, world_cfg.size)
-        latent = shape if layout == "FCHW" else (3, world_cfg.frames, world_cfg.size, world_cfg.size)
-        key = jax.random.key(settings.seed)
-        self.noise = jnp.stack([jax.random.normal(jax.random.fold_in(key, i), latent, jnp.float32)
-                                for i in range(len(self.items))])
-        self.layout = layout
+        self.layout = E.latent_layout(model)
+        self.noise = E.prompt_noise(jax.random.key(settings.seed), range(len(self.items)), world_cfg, self.layout)
+        self._to_videos = E.to_videos
 
         @jax.jit
         def gen(base, phi, noise, ctx, uncond):
@@ -130,12 +125,8 @@ class ToyCheck:
         self.base_detections = self._detect(base_params, None)
 
     def _detect(self, base_params, phi) -> list[dict]:
-        from unlearn_jax.toy.world import from_model_space
-
         latents = np.asarray(self._gen(base_params, phi, self.noise, self.ctx, self.uncond))
-        if self.layout == "CFHW":
-            latents = latents.transpose(0, 2, 1, 3, 4)
-        return [self._check(v) for v in from_model_space(latents)]
+        return [self._check(v) for v in self._to_videos(latents, self.layout)]
 
     def judge_phi(self, base_params, phi) -> dict:
         return judge(self.items, self.base_detections, self._detect(base_params, phi), self.erased, self.s)
